@@ -1,0 +1,779 @@
+//! One TCP connection's life: HTTP request(s), the WebSocket upgrade, then exactly one reader
+//! (this task) and exactly one writer task.
+//!
+//! * The **writer** owns the socket's write side and is the only code that writes after the
+//!   upgrade and the only code that shuts the socket down, exactly once, as its last act.
+//!   Everyone else (reader, router, shutdown, idle check) puts frames or a close request in the
+//!   connection's bounded queue ([`ConnShared`]).
+//! * The **reader** waits for readiness without a buffer (an io_uring poll or epoll), reads into
+//!   the core's scratch buffer, and keeps only an unfinished frame. It never writes: pongs and
+//!   close replies it owes go to the writer's queue.
+//! * Liveness: the writer pings every `ping_interval`; a connection with nothing received for
+//!   `idle_timeout` is closed with 4000. There is no read timeout on a WebSocket.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use monoio::net::TcpStream;
+
+use crate::codec::{self, DecodeError, Decoder, Msg};
+use crate::core::{ConnEntry, Core, Reply};
+use crate::http::{self, HttpError, Request};
+use crate::key::ConnKey;
+use crate::protocol::{self, ErrorCode, ProtoError, Request as ProtoRequest};
+use crate::stats;
+
+/// How long a server-initiated close waits for the peer's close frame (and for its own close
+/// frame to drain) before the socket is shut anyway.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long a keep-alive HTTP connection may wait for its next request.
+const HTTP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Outcome of queueing a frame on a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Push {
+    /// Queued; the writer will send it.
+    Queued,
+    /// The queue would exceed its limit: the connection is being closed with 1013.
+    Overflow,
+    /// The connection is closing or closed; nothing was queued.
+    Closed,
+}
+
+/// How a close proceeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CloseKind {
+    /// The peer sent a close frame: answer it, then shut the socket.
+    Reply,
+    /// The server closes: send a close frame, wait (bounded) for the peer's, then shut.
+    /// `flush`: send what is already queued first (shutdown), or discard it (errors).
+    Initiate { flush: bool },
+    /// The peer is gone: no frame, shut the socket now.
+    Abort,
+}
+
+/// A request to close a connection.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CloseReq {
+    /// Close code; `None` sends an empty close frame.
+    pub code: Option<u16>,
+    /// Close reason.
+    pub reason: &'static str,
+    /// How to proceed.
+    pub kind: CloseKind,
+}
+
+impl CloseReq {
+    pub fn initiate(code: u16, reason: &'static str, flush: bool) -> Self {
+        CloseReq {
+            code: Some(code),
+            reason,
+            kind: CloseKind::Initiate { flush },
+        }
+    }
+}
+
+const REGISTERED: u8 = 1;
+const PEER_CLOSED: u8 = 2;
+const DONE: u8 = 4;
+const DIRTY: u8 = 8;
+
+/// State of one connection shared by its reader, its writer and the core's router.
+pub(crate) struct ConnShared {
+    queue: RefCell<VecDeque<Bytes>>,
+    queued_bytes: Cell<usize>,
+    close: Cell<Option<CloseReq>>,
+    flags: Cell<u8>,
+    writer_waker: Cell<Option<Waker>>,
+    reader_waker: Cell<Option<Waker>>,
+    last_seen: Cell<Instant>,
+}
+
+impl ConnShared {
+    pub fn new() -> Self {
+        ConnShared {
+            queue: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
+            close: Cell::new(None),
+            flags: Cell::new(0),
+            writer_waker: Cell::new(None),
+            reader_waker: Cell::new(None),
+            last_seen: Cell::new(Instant::now()),
+        }
+    }
+
+    fn has(&self, f: u8) -> bool {
+        self.flags.get() & f != 0
+    }
+
+    fn set(&self, f: u8) {
+        self.flags.set(self.flags.get() | f);
+    }
+
+    fn notify_writer(&self) {
+        self.set(DIRTY);
+        if let Some(w) = self.writer_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Queues a frame for the writer, within the queue's byte limit.
+    pub fn push(&self, frame: Bytes, max_queued: usize) -> Push {
+        if self.has(DONE) || self.close.get().is_some() {
+            return Push::Closed;
+        }
+        let queued = self.queued_bytes.get() + frame.len();
+        if queued > max_queued {
+            self.request_close(CloseReq::initiate(1013, "slow consumer", false));
+            return Push::Overflow;
+        }
+        self.queued_bytes.set(queued);
+        self.queue.borrow_mut().push_back(frame);
+        self.notify_writer();
+        Push::Queued
+    }
+
+    /// Asks the writer to close. The first request wins; later ones are ignored.
+    pub fn request_close(&self, req: CloseReq) {
+        if self.has(DONE) || self.close.get().is_some() {
+            return;
+        }
+        self.close.set(Some(req));
+        self.notify_writer();
+    }
+
+    /// The reader saw the peer's close frame or the end of the stream.
+    fn set_peer_closed(&self) {
+        self.set(PEER_CLOSED);
+        self.notify_writer();
+    }
+
+    /// The directory has this connection: it may be welcomed.
+    pub fn set_registered(&self) {
+        self.set(REGISTERED);
+        if let Some(w) = self.reader_waker.take() {
+            w.wake();
+        }
+    }
+
+    async fn registered(&self) {
+        poll_fn(|cx| {
+            if self.has(REGISTERED) {
+                Poll::Ready(())
+            } else {
+                self.reader_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    fn touch(&self) {
+        self.last_seen.set(Instant::now());
+    }
+
+    /// Drops queued frames the writer has not started (keeps a half-written front frame).
+    fn discard_unstarted(&self, head_written: usize) {
+        let mut q = self.queue.borrow_mut();
+        let keep = usize::from(head_written > 0).min(q.len());
+        q.truncate(keep);
+        self.queued_bytes.set(q.iter().map(Bytes::len).sum());
+    }
+
+    /// Queues a frame past every limit (the close frame, the writer's own pings).
+    fn push_unbounded(&self, frame: Bytes) {
+        self.queued_bytes.set(self.queued_bytes.get() + frame.len());
+        self.queue.borrow_mut().push_back(frame);
+    }
+
+    /// Writes as much of the queue as the socket takes in one `sendmsg`; pops what was
+    /// written. `head` is how much of the front frame earlier calls wrote.
+    fn write_to(&self, fd: RawFd, head: &mut usize) -> io::Result<usize> {
+        const MAX_IOV: usize = 64;
+        let mut q = self.queue.borrow_mut();
+        let mut iov: [libc::iovec; MAX_IOV] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOV];
+        let mut n = 0;
+        for (i, frame) in q.iter().take(MAX_IOV).enumerate() {
+            let part = if i == 0 { &frame[*head..] } else { &frame[..] };
+            iov[n] = libc::iovec {
+                iov_base: part.as_ptr() as *mut libc::c_void,
+                iov_len: part.len(),
+            };
+            n += 1;
+        }
+        // SAFETY: a zeroed msghdr is valid; iov points at `n` initialized iovecs whose
+        // buffers (the queued frames) stay alive and unmoved for the duration of the call.
+        let written = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = n as _;
+            libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+        };
+        if written < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let written = written as usize;
+        let mut left = written;
+        while let Some(front) = q.front() {
+            let rest = front.len() - *head;
+            if left >= rest {
+                left -= rest;
+                *head = 0;
+                q.pop_front();
+            } else {
+                *head += left;
+                break;
+            }
+        }
+        self.queued_bytes
+            .set(self.queued_bytes.get().saturating_sub(written));
+        Ok(written)
+    }
+
+    /// The writer is gone: refuse everything from now on and free the queue.
+    fn finish(&self) {
+        self.set(DONE);
+        let mut q = self.queue.borrow_mut();
+        q.clear();
+        q.shrink_to_fit();
+        self.queued_bytes.set(0);
+    }
+}
+
+// ---- socket helpers ------------------------------------------------------------------------
+
+/// One non-blocking `recv` into `buf`.
+fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is a valid writable region of buf.len() bytes.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Shuts both directions of the socket; wakes any pending poll on it.
+fn shutdown(fd: RawFd) {
+    // SAFETY: shutdown on an fd we own; errors (already shut) are irrelevant.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+/// Writes all of `data` before the upgrade (plain HTTP answers), with readiness waits.
+async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
+    while !data.is_empty() {
+        // SAFETY: data is a valid readable region.
+        let n = unsafe {
+            libc::send(
+                fd,
+                data.as_ptr() as *const libc::c_void,
+                data.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            data = &data[n as usize..];
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => stream.writable(false).await?,
+            io::ErrorKind::Interrupted => {}
+            _ => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads until `buf` holds a whole request. `Ok(None)`: the peer closed.
+async fn read_request(
+    core: &Core,
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+    max_body: usize,
+) -> Result<Option<Request>, HttpError> {
+    let fd = stream.as_raw_fd();
+    loop {
+        if !buf.is_empty() {
+            if let Some((req, used)) = http::parse_request(buf, max_body)? {
+                buf.drain(..used);
+                return Ok(Some(req));
+            }
+        }
+        if stream.readable(false).await.is_err() {
+            return Ok(None);
+        }
+        let mut scratch = core.scratch.borrow_mut();
+        match recv(fd, &mut scratch) {
+            Ok(0) => return Ok(None),
+            Ok(n) => buf.extend_from_slice(&scratch[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+// ---- the connection task -------------------------------------------------------------------
+
+/// Serves one accepted TCP connection until it closes.
+pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let stream = Rc::new(stream);
+    let mut buf = Vec::new();
+    let mut wait = core.config().handshake_timeout;
+    loop {
+        let max_body = core.config().max_message_size;
+        let read = monoio::time::timeout(wait, read_request(&core, &stream, &mut buf, max_body));
+        let req = match read.await {
+            Err(_elapsed) => break,
+            Ok(Ok(Some(req))) => req,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                let _ = write_all(&stream, &http::error_response(&e)).await;
+                break;
+            }
+        };
+        let is_echo = core.config().echo_path.as_deref() == Some(req.path.as_str());
+        if req.path == "/ws" || is_echo {
+            upgrade(core, stream, req, std::mem::take(&mut buf), is_echo).await;
+            return;
+        }
+        let keep_alive = req.keep_alive();
+        let answer = answer_http(&core, &req, keep_alive);
+        if write_all(&stream, &answer).await.is_err() || !keep_alive {
+            break;
+        }
+        wait = HTTP_KEEPALIVE;
+    }
+    shutdown(stream.as_raw_fd());
+}
+
+/// Answers a plain HTTP request.
+fn answer_http(core: &Core, req: &Request, keep_alive: bool) -> Vec<u8> {
+    let get = req.method == "GET" || req.method == "HEAD";
+    match req.path.as_str() {
+        "/healthz" if get => http::response(200, "text/plain", b"ok", keep_alive, ""),
+        "/api/stats" if get => {
+            let body = crate::server::stats_json(&core.shared);
+            http::response(200, "application/json", body.as_bytes(), keep_alive, "")
+        }
+        "/healthz" | "/api/stats" => {
+            http::json_error(405, "method_not_allowed", "use GET", keep_alive)
+        }
+        _ => http::json_error(404, "not_found", "no such path", keep_alive),
+    }
+}
+
+/// Refuses an upgrade with a plain HTTP answer.
+async fn refuse(core: &Core, stream: &TcpStream, e: HttpError) {
+    stats::inc(&core.stats().handshake_failures);
+    tracing::debug!(status = e.status, reason = %e.message, "upgrade refused");
+    let _ = write_all(stream, &http::error_response(&e)).await;
+    shutdown(stream.as_raw_fd());
+}
+
+async fn upgrade(
+    core: Rc<Core>,
+    stream: Rc<TcpStream>,
+    req: Request,
+    leftover: Vec<u8>,
+    echo: bool,
+) {
+    let accept = match http::check_upgrade(&req) {
+        Ok(a) => a,
+        Err(e) => return refuse(&core, &stream, e).await,
+    };
+    let user: Option<Rc<str>> = if echo {
+        None
+    } else {
+        match identity(&req) {
+            Ok(u) => Some(u.into()),
+            Err(e) => return refuse(&core, &stream, e).await,
+        }
+    };
+    if core.shutting_down.get() {
+        let e = HttpError::new(503, "server shutting down");
+        return refuse(&core, &stream, e).await;
+    }
+    let conn = Rc::new(ConnShared::new());
+    let inserted = core.conns.borrow_mut().insert(ConnEntry {
+        user: user.clone(),
+        conn: conn.clone(),
+    });
+    let key = match inserted {
+        Ok(k) => k,
+        Err(_) => {
+            let e = HttpError::new(503, "connection table full");
+            return refuse(&core, &stream, e).await;
+        }
+    };
+    stats::add_gauge(&core.stats().connections, 1);
+    stats::inc(&core.stats().connections_total);
+
+    // Routable at welcome: the welcome goes out only once the directory has the connection.
+    if let Some(user) = &user {
+        core.register(user, key);
+        let registered = monoio::time::timeout(core.config().handshake_timeout, conn.registered());
+        if registered.await.is_err() {
+            tracing::warn!(%key, "registration not confirmed in time");
+            core.remove_conn(key);
+            shutdown(stream.as_raw_fd());
+            return;
+        }
+    }
+    let max = usize::MAX;
+    conn.push(Bytes::from(http::switching_protocols(&accept)), max);
+    if let Some(user) = &user {
+        conn.push(protocol::welcome(user, &key.to_string()), max);
+    }
+    let writer = monoio::spawn(run_writer(core.clone(), stream.clone(), conn.clone()));
+    let mut session = Session {
+        key,
+        user,
+        echo,
+        decoder: Decoder::new(core.config().max_message_size),
+        state: ReadState::Open,
+    };
+    read_loop(&core, &stream, &conn, &mut session, leftover).await;
+    conn.set_peer_closed();
+    conn.request_close(CloseReq {
+        code: None,
+        reason: "",
+        kind: CloseKind::Abort,
+    });
+    writer.await;
+    core.remove_conn(key);
+}
+
+/// The user id of an upgrade request (development mode: `?user=ID`).
+fn identity(req: &Request) -> Result<String, HttpError> {
+    let user = req
+        .query_param("user")
+        .ok_or_else(|| HttpError::new(401, "missing identity: connect with ?user=ID"))?;
+    if !protocol::valid_user(&user) {
+        return Err(HttpError::new(
+            401,
+            "invalid user id: 1-64 bytes of A-Z a-z 0-9 _ - . : @",
+        ));
+    }
+    Ok(user)
+}
+
+// ---- reader --------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadState {
+    /// Interpreting messages.
+    Open,
+    /// A protocol error closed the connection: only watch for the peer's close frame.
+    Failed,
+    /// The peer's close frame arrived: ignore everything until the end of the stream.
+    Closed,
+}
+
+struct Session {
+    key: ConnKey,
+    user: Option<Rc<str>>,
+    echo: bool,
+    decoder: Decoder,
+    state: ReadState,
+}
+
+async fn read_loop(
+    core: &Core,
+    stream: &TcpStream,
+    conn: &ConnShared,
+    session: &mut Session,
+    mut leftover: Vec<u8>,
+) {
+    let fd = stream.as_raw_fd();
+    if !leftover.is_empty() {
+        conn.touch();
+        session.feed(core, conn, &mut leftover);
+    }
+    drop(leftover);
+    loop {
+        if stream.readable(false).await.is_err() {
+            return;
+        }
+        let mut scratch = core.scratch.borrow_mut();
+        match recv(fd, &mut scratch) {
+            Ok(0) => return,
+            Ok(n) => {
+                conn.touch();
+                stats::add(&core.stats().bytes_in, n as u64);
+                session.feed(core, conn, &mut scratch[..n]);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Session {
+    fn feed(&mut self, core: &Core, conn: &ConnShared, data: &mut [u8]) {
+        match self.state {
+            ReadState::Closed => {}
+            ReadState::Failed => {
+                // Anything but a close frame is ignored; a second error ends the watch.
+                let r = self.decoder.feed(data, |m| {
+                    if matches!(m, Msg::Close(..)) {
+                        conn.set_peer_closed();
+                        return false;
+                    }
+                    true
+                });
+                if r.is_err() || conn.has(PEER_CLOSED) {
+                    self.state = ReadState::Closed;
+                }
+            }
+            ReadState::Open => {
+                let mut decoder = std::mem::take(&mut self.decoder);
+                let result = decoder.feed(data, |m| self.on_msg(core, conn, m));
+                self.decoder = decoder;
+                if let Err(e) = result {
+                    self.fail(core, conn, e);
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, core: &Core, conn: &ConnShared, e: DecodeError) {
+        tracing::debug!(key = %self.key, error = ?e, "closing on a protocol error");
+        stats::inc(&core.stats().protocol_closes);
+        conn.request_close(CloseReq::initiate(e.close_code(), e.reason(), false));
+        self.state = ReadState::Failed;
+        self.decoder = Decoder::new(core.config().max_message_size);
+    }
+
+    /// Handles one message; returns whether to keep decoding.
+    fn on_msg(&mut self, core: &Core, conn: &ConnShared, msg: Msg<'_>) -> bool {
+        match msg {
+            Msg::Ping(payload) => core.push_to(conn, codec::pong(payload)),
+            Msg::Pong => {}
+            Msg::Close(code, _) => {
+                conn.request_close(CloseReq {
+                    code,
+                    reason: "",
+                    kind: CloseKind::Reply,
+                });
+                conn.set_peer_closed();
+                self.state = ReadState::Closed;
+                return false;
+            }
+            Msg::Text(text) => {
+                stats::inc(&core.stats().messages_in);
+                if self.echo {
+                    core.push_to(conn, codec::text(text.as_bytes()));
+                } else {
+                    self.on_request(core, conn, text);
+                }
+            }
+            Msg::Binary(bytes) => {
+                stats::inc(&core.stats().messages_in);
+                if self.echo {
+                    core.push_to(conn, codec::frame(0x2, bytes));
+                } else {
+                    let e = ProtoError {
+                        code: ErrorCode::BadRequest,
+                        message: "binary frames are not part of protocol v1: send JSON text"
+                            .into(),
+                    };
+                    core.push_to(conn, protocol::error(None, &e));
+                }
+            }
+        }
+        true
+    }
+
+    fn on_request(&mut self, core: &Core, conn: &ConnShared, text: &str) {
+        let parsed = protocol::parse(text);
+        let from = self.user.as_deref();
+        match parsed.request {
+            Ok(ProtoRequest::Send { to, data }) => {
+                let frame = protocol::message(from, None, data);
+                let reply = parsed.id.map(|id| Reply::Ack {
+                    conn: self.key,
+                    id: id.to_owned(),
+                });
+                core.send_to_user(&to, frame, reply);
+            }
+            Ok(ProtoRequest::Join { .. })
+            | Ok(ProtoRequest::Leave { .. })
+            | Ok(ProtoRequest::Publish { .. }) => {
+                let e = ProtoError {
+                    code: ErrorCode::BadRequest,
+                    message: "rooms are not enabled on this gateway".into(),
+                };
+                core.push_to(conn, protocol::error(parsed.id, &e));
+            }
+            Err(e) => core.push_to(conn, protocol::error(parsed.id, &e)),
+        }
+    }
+}
+
+// ---- writer --------------------------------------------------------------------------------
+
+enum Event {
+    /// The queue, a close request or the peer's state changed.
+    Work,
+    /// The socket can take more bytes (or failed).
+    Writable(io::Result<()>),
+    /// Ping, idle or close deadline.
+    Timer,
+}
+
+type WritableFuture = Pin<Box<dyn Future<Output = io::Result<()>>>>;
+
+fn to_monoio(t: Instant) -> monoio::time::Instant {
+    monoio::time::Instant::from_std(t)
+}
+
+/// The connection's only writer: sends queued frames, pings, enforces the idle timeout, and
+/// closes the socket exactly once when it returns.
+async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>) {
+    let fd = stream.as_raw_fd();
+    let ping_interval = core.config().ping_interval;
+    let idle = core.config().idle_timeout;
+    let shutdown_timeout = core.config().shutdown_timeout;
+    let mut head = 0usize;
+    let mut close_queued: Option<CloseReq> = None;
+    let mut close_sent = false;
+    let mut close_deadline: Option<Instant> = None;
+    let mut next_ping = Instant::now() + ping_interval;
+    let mut timer = Box::pin(monoio::time::sleep_until(to_monoio(next_ping)));
+    let mut writable: Option<WritableFuture> = None;
+
+    'run: loop {
+        conn.flags.set(conn.flags.get() & !DIRTY);
+
+        // A close request becomes a close frame at the end of the queue.
+        if close_queued.is_none() {
+            if let Some(req) = conn.close.get() {
+                match req.kind {
+                    CloseKind::Abort => break 'run,
+                    CloseKind::Initiate { flush: false } => conn.discard_unstarted(head),
+                    _ => {}
+                }
+                let frame = match req.code {
+                    Some(code) => codec::close(code, req.reason),
+                    None => Bytes::from_static(&[0x88, 0x00]),
+                };
+                conn.push_unbounded(frame);
+                close_queued = Some(req);
+                let wait = match req.kind {
+                    CloseKind::Initiate { flush: true } => shutdown_timeout,
+                    _ => CLOSE_WAIT,
+                };
+                let deadline = Instant::now() + wait;
+                close_deadline = Some(deadline);
+                timer.as_mut().reset(to_monoio(deadline));
+            }
+        }
+
+        // Write while the socket takes it.
+        if writable.is_none() {
+            while !conn.queue.borrow().is_empty() {
+                match conn.write_to(fd, &mut head) {
+                    Ok(n) => stats::add(&core.stats().bytes_out, n as u64),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let s = stream.clone();
+                        writable = Some(Box::pin(async move { s.writable(false).await }));
+                        break;
+                    }
+                    Err(_) => break 'run,
+                }
+            }
+        }
+
+        if let Some(req) = close_queued {
+            if !close_sent && conn.queue.borrow().is_empty() {
+                close_sent = true;
+                if req.kind == CloseKind::Reply {
+                    break 'run;
+                }
+            }
+            if close_sent && conn.has(PEER_CLOSED) {
+                break 'run;
+            }
+        }
+
+        let event = poll_fn(|cx| {
+            if conn.has(DIRTY) {
+                return Poll::Ready(Event::Work);
+            }
+            if let Some(w) = writable.as_mut() {
+                if let Poll::Ready(r) = w.as_mut().poll(cx) {
+                    writable = None;
+                    return Poll::Ready(Event::Writable(r));
+                }
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timer);
+            }
+            conn.writer_waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+
+        match event {
+            Event::Work | Event::Writable(Ok(())) => {}
+            Event::Writable(Err(_)) => break 'run,
+            Event::Timer => {
+                let now = Instant::now();
+                if let Some(deadline) = close_deadline {
+                    if now >= deadline {
+                        break 'run;
+                    }
+                    timer.as_mut().reset(to_monoio(deadline));
+                    continue;
+                }
+                let idle_until = conn.last_seen.get() + idle;
+                if now >= idle_until {
+                    stats::inc(&core.stats().idle_closes);
+                    conn.request_close(CloseReq::initiate(4000, "idle timeout", false));
+                    continue;
+                }
+                if now >= next_ping {
+                    conn.push_unbounded(codec::ping());
+                    next_ping = now + ping_interval;
+                }
+                timer
+                    .as_mut()
+                    .reset(to_monoio(next_ping.min(idle_until)));
+            }
+        }
+    }
+    conn.finish();
+    shutdown(fd);
+}

@@ -1,0 +1,40 @@
+//! wsgate: a WebSocket push gateway.
+//!
+//! Clients hold long-lived WebSocket connections under a user id; the gateway delivers
+//! messages to every connection of a user, from other clients or backends.
+//!
+//! # Map of the crate
+//!
+//! | module | stage of a connection's life |
+//! | --- | --- |
+//! | [`server`] | listeners (`SO_REUSEPORT`, one per core), worker threads, shutdown |
+//! | `core` | one core's state: connection slab, user directory, router, cross-core batches |
+//! | `conn` | a connection: HTTP request, upgrade, the reader, the single writer |
+//! | [`codec`] | WebSocket frames: decoder for client frames, encoders for server frames |
+//! | [`http`] | HTTP/1.1 parsing, upgrade checks, plain answers |
+//! | [`protocol`] | the v1 JSON messages |
+//! | [`mailbox`] | cross-core channel of batches with one wake per batch |
+//! | [`key`] | generational connection keys: stale keys miss |
+//! | [`stats`] | per-core counters |
+//! | [`config`] | every flag, its default and why |
+//! | [`client`] | a blocking client for tests and tools |
+//!
+//! The design rules (one runtime per core, one writer per socket, liveness by ping, stale keys
+//! are harmless, everything bounded) are explained in each module and in the README.
+
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod codec;
+pub mod config;
+mod conn;
+mod core;
+pub mod http;
+pub mod key;
+pub mod mailbox;
+pub mod protocol;
+pub mod server;
+pub mod stats;
+
+pub use config::Config;
+pub use server::{Handle, Server, StartError};

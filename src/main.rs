@@ -1,0 +1,57 @@
+//! The `wsgate` binary: parse the config, set up logs and signals, run the library's server.
+
+use std::io::Write;
+
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tracing_subscriber::EnvFilter;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let config = wsgate::Config::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let server = match wsgate::Server::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            std::process::exit(2);
+        }
+    };
+    // A machine-readable line for scripts and tests (the port is real even for port 0).
+    println!("listening on {}", server.local_addr());
+    let _ = std::io::stdout().flush();
+
+    let handle = server.handle();
+    match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+        Ok(mut signals) => {
+            std::thread::Builder::new()
+                .name("wsgate-signals".into())
+                .spawn(move || {
+                    let mut seen = 0;
+                    for sig in signals.forever() {
+                        seen += 1;
+                        if seen == 1 {
+                            tracing::info!(signal = sig, "stopping: closing connections with 1001");
+                            handle.shutdown();
+                        } else {
+                            tracing::warn!("second signal: exiting now");
+                            std::process::exit(130);
+                        }
+                    }
+                })
+                .expect("spawn the signal thread");
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot install signal handlers"),
+    }
+    server.join();
+    tracing::info!("stopped");
+}

@@ -1,0 +1,127 @@
+//! Per-core counters.
+//!
+//! Each core writes only its own [`CoreStats`] (relaxed, uncontended: the struct is padded to
+//! its own cache lines), and readers (`/api/stats`) sum them. No counter is shared by cores
+//! on the hot path.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+/// Counters of one core. Written only by that core.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct CoreStats {
+    /// Open WebSocket connections on this core (gauge).
+    pub connections: AtomicI64,
+    /// Users whose directory entry this core owns (gauge).
+    pub users: AtomicI64,
+    /// Connections accepted as WebSockets since start.
+    pub connections_total: AtomicU64,
+    /// Client messages (text frames) received.
+    pub messages_in: AtomicU64,
+    /// Frames handed to connections' outbound queues (deliveries, acks, errors).
+    pub messages_out: AtomicU64,
+    /// Messages handed to a recipient connection by `send` (what `delivered` counts).
+    pub deliveries: AtomicU64,
+    /// Bytes read from WebSocket connections.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to WebSocket connections.
+    pub bytes_out: AtomicU64,
+    /// Connections closed as slow consumers (1013).
+    pub slow_consumer_closes: AtomicU64,
+    /// Connections closed for idleness (4000).
+    pub idle_closes: AtomicU64,
+    /// Connections closed for a protocol error, bad UTF-8 or a too-big message.
+    pub protocol_closes: AtomicU64,
+    /// Upgrades refused (bad request, identity, limits).
+    pub handshake_failures: AtomicU64,
+    /// Cross-core batches sent from this core.
+    pub batches_sent: AtomicU64,
+    /// Messages carried in those batches.
+    pub batched_messages: AtomicU64,
+}
+
+/// Adds one to a counter.
+#[inline]
+pub fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+/// Adds `n` to a counter.
+#[inline]
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Relaxed);
+}
+
+/// A point-in-time copy of one core's counters.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct Snapshot {
+    pub connections: i64,
+    pub users: i64,
+    pub connections_total: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub deliveries: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub slow_consumer_closes: u64,
+    pub idle_closes: u64,
+    pub protocol_closes: u64,
+    pub handshake_failures: u64,
+    pub batches_sent: u64,
+    pub batched_messages: u64,
+}
+
+impl CoreStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            connections: self.connections.load(Relaxed),
+            users: self.users.load(Relaxed),
+            connections_total: self.connections_total.load(Relaxed),
+            messages_in: self.messages_in.load(Relaxed),
+            messages_out: self.messages_out.load(Relaxed),
+            deliveries: self.deliveries.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            slow_consumer_closes: self.slow_consumer_closes.load(Relaxed),
+            idle_closes: self.idle_closes.load(Relaxed),
+            protocol_closes: self.protocol_closes.load(Relaxed),
+            handshake_failures: self.handshake_failures.load(Relaxed),
+            batches_sent: self.batches_sent.load(Relaxed),
+            batched_messages: self.batched_messages.load(Relaxed),
+        }
+    }
+}
+
+impl Snapshot {
+    /// Sum of several cores' snapshots.
+    pub fn total<'a>(all: impl IntoIterator<Item = &'a Snapshot>) -> Snapshot {
+        let mut t = Snapshot::default();
+        for s in all {
+            t.connections += s.connections;
+            t.users += s.users;
+            t.connections_total += s.connections_total;
+            t.messages_in += s.messages_in;
+            t.messages_out += s.messages_out;
+            t.deliveries += s.deliveries;
+            t.bytes_in += s.bytes_in;
+            t.bytes_out += s.bytes_out;
+            t.slow_consumer_closes += s.slow_consumer_closes;
+            t.idle_closes += s.idle_closes;
+            t.protocol_closes += s.protocol_closes;
+            t.handshake_failures += s.handshake_failures;
+            t.batches_sent += s.batches_sent;
+            t.batched_messages += s.batched_messages;
+        }
+        t
+    }
+}
+
+/// Moves a gauge by `d`.
+#[inline]
+pub fn add_gauge(g: &AtomicI64, d: i64) {
+    g.fetch_add(d, Relaxed);
+}
