@@ -10,6 +10,7 @@
 //! assert_eq!(msg["from"], "alice");
 //! ```
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -42,6 +43,8 @@ pub struct Client {
     pub user: String,
     /// The opaque connection id from `welcome`.
     pub conn: String,
+    /// Messages read while waiting for an ack, returned by the next `recv`.
+    stash: VecDeque<Value>,
 }
 
 /// Opens a WebSocket to `path_and_query` (e.g. `/ws?user=a`) without reading anything.
@@ -74,6 +77,7 @@ impl Client {
             ws,
             user: String::new(),
             conn: String::new(),
+            stash: VecDeque::new(),
         };
         let welcome = c.recv(Duration::from_secs(10))?;
         if welcome["type"] != "welcome" {
@@ -110,8 +114,54 @@ impl Client {
         Ok(())
     }
 
+    /// Sends with `id` and waits for its `ack` (or `error`), keeping every other message
+    /// for later `recv` calls. Returns the ack or error message.
+    pub fn request(
+        &mut self,
+        mut req: Value,
+        id: Value,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        req["id"] = id.clone();
+        self.send_json(&req)?;
+        let mut later = Vec::new();
+        let found = loop {
+            match self.read_frame(timeout) {
+                Ok(v) if (v["type"] == "ack" || v["type"] == "error") && v["id"] == id => {
+                    break Ok(v)
+                }
+                Ok(v) => later.push(v),
+                Err(e) => break Err(e),
+            }
+        };
+        self.stash.extend(later);
+        found
+    }
+
+    /// Sends `data` to `to` with `id` and returns the ack's `delivered`.
+    pub fn send_acked(
+        &mut self,
+        to: &str,
+        data: Value,
+        id: Value,
+        timeout: Duration,
+    ) -> Result<u64, ClientError> {
+        let req = serde_json::json!({"type": "send", "to": to, "data": data});
+        let v = self.request(req, id, timeout)?;
+        v["delivered"]
+            .as_u64()
+            .ok_or_else(|| ClientError::Unexpected(v.to_string()))
+    }
+
     /// The next server message as JSON. Pings are answered on the way.
     pub fn recv(&mut self, timeout: Duration) -> Result<Value, ClientError> {
+        if let Some(v) = self.stash.pop_front() {
+            return Ok(v);
+        }
+        self.read_frame(timeout)
+    }
+
+    fn read_frame(&mut self, timeout: Duration) -> Result<Value, ClientError> {
         self.ws
             .get_mut()
             .set_read_timeout(Some(timeout))
@@ -165,7 +215,10 @@ impl Client {
     /// Closes with a close handshake.
     pub fn close(mut self) {
         let _ = self.ws.close(None);
-        let _ = self.ws.get_mut().set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = self
+            .ws
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_secs(2)));
         while self.ws.read().is_ok() {}
     }
 

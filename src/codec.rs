@@ -405,7 +405,11 @@ mod tests {
             let mut dec = Decoder::new(1024);
             let mut got = collect(&mut dec, &f[..cut]).unwrap();
             got.extend(collect(&mut dec, &f[cut..]).unwrap());
-            assert_eq!(got, vec!["Text(\"héllo wörld, a longer text\")"], "cut {cut}");
+            assert_eq!(
+                got,
+                vec!["Text(\"héllo wörld, a longer text\")"],
+                "cut {cut}"
+            );
             assert_eq!(dec.partial.len(), 0);
         }
     }
@@ -440,7 +444,7 @@ mod tests {
         // Too big is known from the header alone, before the payload arrives.
         let mut dec = Decoder::new(10);
         let f = client_frame(0x81, &[b'x'; 11], [0; 4]);
-        assert_eq!(collect(&mut dec, &f[..4]), Err(DecodeError::TooBig));
+        assert_eq!(collect(&mut dec, &f[..6]), Err(DecodeError::TooBig));
         // Fragments adding up to too much.
         let mut dec = Decoder::new(10);
         let mut f = client_frame(0x01, &[b'x'; 6], [0; 4]);
@@ -495,7 +499,11 @@ mod tests {
             let orig: Vec<u8> = (0..n as u8).collect();
             let mut fast = orig.clone();
             unmask(&mut fast, mask);
-            let slow: Vec<u8> = orig.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+            let slow: Vec<u8> = orig
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i % 4])
+                .collect();
             assert_eq!(fast, slow);
         }
     }

@@ -56,6 +56,9 @@ pub(crate) enum CloseKind {
     /// The server closes: send a close frame, wait (bounded) for the peer's, then shut.
     /// `flush`: send what is already queued first (shutdown), or discard it (errors).
     Initiate { flush: bool },
+    /// The peer broke the protocol (RFC 6455 §7.1.7, "fail the connection"): send what is
+    /// queued and a close frame, then shut the socket without waiting for a reply.
+    Fail,
     /// The peer is gone: no frame, shut the socket now.
     Abort,
 }
@@ -570,7 +573,12 @@ impl Session {
     fn fail(&mut self, core: &Core, conn: &ConnShared, e: DecodeError) {
         tracing::debug!(key = %self.key, error = ?e, "closing on a protocol error");
         stats::inc(&core.stats().protocol_closes);
-        conn.request_close(CloseReq::initiate(e.close_code(), e.reason(), false));
+        // What was answered before the bad frame still goes out, then the close.
+        conn.request_close(CloseReq {
+            code: Some(e.close_code()),
+            reason: e.reason(),
+            kind: CloseKind::Fail,
+        });
         self.state = ReadState::Failed;
         self.decoder = Decoder::new(core.config().max_message_size);
     }
@@ -605,8 +613,7 @@ impl Session {
                 } else {
                     let e = ProtoError {
                         code: ErrorCode::BadRequest,
-                        message: "binary frames are not part of protocol v1: send JSON text"
-                            .into(),
+                        message: "binary frames are not part of protocol v1: send JSON text".into(),
                     };
                     core.push_to(conn, protocol::error(None, &e));
                 }
@@ -690,9 +697,12 @@ async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>)
                 };
                 conn.push_unbounded(frame);
                 close_queued = Some(req);
-                let wait = match req.kind {
-                    CloseKind::Initiate { flush: true } => shutdown_timeout,
-                    _ => CLOSE_WAIT,
+                // Shutdown may flush a full queue to every client at once: it gets the
+                // shutdown budget. Every other close is bounded by CLOSE_WAIT.
+                let wait = if req.code == Some(1001) {
+                    shutdown_timeout
+                } else {
+                    CLOSE_WAIT
                 };
                 let deadline = Instant::now() + wait;
                 close_deadline = Some(deadline);
@@ -719,7 +729,7 @@ async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>)
         if let Some(req) = close_queued {
             if !close_sent && conn.queue.borrow().is_empty() {
                 close_sent = true;
-                if req.kind == CloseKind::Reply {
+                if matches!(req.kind, CloseKind::Reply | CloseKind::Fail) {
                     break 'run;
                 }
             }
@@ -768,9 +778,7 @@ async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>)
                     conn.push_unbounded(codec::ping());
                     next_ping = now + ping_interval;
                 }
-                timer
-                    .as_mut()
-                    .reset(to_monoio(next_ping.min(idle_until)));
+                timer.as_mut().reset(to_monoio(next_ping.min(idle_until)));
             }
         }
     }

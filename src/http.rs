@@ -184,7 +184,10 @@ pub fn check_upgrade(req: &Request) -> Result<String, HttpError> {
         ));
     }
     if req.header("sec-websocket-version").map(str::trim) != Some("13") {
-        return Err(HttpError::new(400, "unsupported Sec-WebSocket-Version: use 13"));
+        return Err(HttpError::new(
+            400,
+            "unsupported Sec-WebSocket-Version: use 13",
+        ));
     }
     let key = req
         .header("sec-websocket-key")
@@ -276,13 +279,7 @@ pub fn error_response(e: &HttpError) -> Vec<u8> {
         ""
     };
     let body = serde_json::json!({ "error": code, "message": e.message }).to_string();
-    response(
-        e.status,
-        "application/json",
-        body.as_bytes(),
-        false,
-        extra,
-    )
+    response(e.status, "application/json", body.as_bytes(), false, extra)
 }
 
 #[cfg(test)]
@@ -305,7 +302,9 @@ mod tests {
 
     #[test]
     fn partial_heads_and_bodies_ask_for_more() {
-        assert!(parse_request(&UPGRADE.as_bytes()[..20], 0).unwrap().is_none());
+        assert!(parse_request(&UPGRADE.as_bytes()[..20], 0)
+            .unwrap()
+            .is_none());
         let post = b"POST /api/send HTTP/1.1\r\nContent-Length: 5\r\n\r\nab";
         assert!(parse_request(post, 100).unwrap().is_none());
     }
@@ -322,7 +321,12 @@ mod tests {
 
     #[test]
     fn bad_requests_get_clear_statuses() {
-        assert_eq!(parse_request(b"\x01\x02 nonsense\r\n\r\n", 0).unwrap_err().status, 400);
+        assert_eq!(
+            parse_request(b"\x01\x02 nonsense\r\n\r\n", 0)
+                .unwrap_err()
+                .status,
+            400
+        );
         let big = b"POST /x HTTP/1.1\r\nContent-Length: 11\r\n\r\n";
         assert_eq!(parse_request(big, 10).unwrap_err().status, 413);
         let long = vec![b'a'; MAX_HEAD + 10];

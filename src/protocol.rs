@@ -158,9 +158,8 @@ fn field_str<'a>(
     code: ErrorCode,
     valid: fn(&str) -> bool,
 ) -> Result<Cow<'a, str>, ProtoError> {
-    let raw = raw.ok_or_else(|| {
-        ProtoError::new(ErrorCode::BadRequest, format!("missing field `{name}`"))
-    })?;
+    let raw = raw
+        .ok_or_else(|| ProtoError::new(ErrorCode::BadRequest, format!("missing field `{name}`")))?;
     let s = raw_str(raw).ok_or_else(|| {
         ProtoError::new(ErrorCode::BadRequest, format!("`{name}` must be a string"))
     })?;
@@ -348,7 +347,9 @@ mod tests {
 
     #[test]
     fn send_keeps_data_and_id_raw() {
-        let p = parse(r#"{"type":"send","to":"u1","id":18446744073709551615,"data":{"n":9007199254740993,"f":1.000000000000000000001,"s":"a\u00e9\n"}}"#);
+        let p = parse(
+            r#"{"type":"send","to":"u1","id":18446744073709551615,"data":{"n":9007199254740993,"f":1.000000000000000000001,"s":"a\u00e9\n"}}"#,
+        );
         assert_eq!(p.id.unwrap().get(), "18446744073709551615");
         match p.request.unwrap() {
             Request::Send { to, data } => {
@@ -388,8 +389,14 @@ mod tests {
     #[test]
     fn bad_json_and_non_objects() {
         assert_eq!(parse("{nope").request.unwrap_err().code, ErrorCode::BadJson);
-        assert_eq!(parse("[1,2]").request.unwrap_err().code, ErrorCode::BadRequest);
-        assert_eq!(parse("\"s\"").request.unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(
+            parse("[1,2]").request.unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            parse("\"s\"").request.unwrap_err().code,
+            ErrorCode::BadRequest
+        );
         let p = parse(r#"{"type":"send","to":"a","data":1,"id":{"x":1}}"#);
         assert!(p.id.is_none());
         assert_eq!(p.request.unwrap_err().code, ErrorCode::BadRequest);

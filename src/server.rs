@@ -98,9 +98,7 @@ impl Server {
         })?;
         let mut listeners = vec![first];
         for _ in 1..cores {
-            listeners.push(
-                listener(addr).map_err(|source| StartError::Listen { addr, source })?,
-            );
+            listeners.push(listener(addr).map_err(|source| StartError::Listen { addr, source })?);
         }
 
         let (senders, boxes): (Vec<_>, Vec<_>) = (0..cores).map(|_| mailbox()).unzip();
@@ -238,7 +236,10 @@ async fn run_core(
     core.shutdown_started().await;
     tracing::info!(core = id, "shutting down");
     let deadline = core.config().shutdown_timeout;
-    if monoio::time::timeout(deadline, core.drained()).await.is_err() {
+    if monoio::time::timeout(deadline, core.drained())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             core = id,
             left = core.conns.borrow().len(),

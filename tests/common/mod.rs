@@ -1,0 +1,193 @@
+//! Test helpers: start the real `wsgate` binary on port 0 and talk to it over real sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+#[allow(unused_imports)]
+pub use wsgate::client::{Client, ClientError};
+
+/// A gateway process; killed when dropped.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Gateway {
+    /// Starts `wsgate --listen 127.0.0.1:0 --workers 2 ARGS...`.
+    pub fn start(args: &[&str]) -> Gateway {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        cmd.args(["--listen", "127.0.0.1:0", "--workers", "2"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("start wsgate");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines
+            .next()
+            .expect("wsgate printed nothing")
+            .expect("read stdout");
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Gateway { child, addr }
+    }
+
+    pub fn connect(&self, user: &str) -> Client {
+        Client::connect(self.addr, user).unwrap_or_else(|e| panic!("connect {user}: {e}"))
+    }
+
+    /// `GET /api/stats` as JSON.
+    pub fn stats(&self) -> Value {
+        let (status, body) = http(self.addr, "GET", "/api/stats", None, &[]);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Waits until `/api/stats` shows `n` connections; panics with the last stats otherwise.
+    pub fn wait_connections(&self, n: i64, within: Duration) {
+        let end = Instant::now() + within;
+        loop {
+            let s = self.stats();
+            if s["connections"] == n {
+                return;
+            }
+            if Instant::now() > end {
+                panic!("expected {n} connections, stats: {s}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns status and body.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n\r\n{b}", b.len()));
+    } else {
+        req.push_str("\r\n");
+    }
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+/// A masked client frame, for sending what a well-behaved client library refuses to.
+pub fn client_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut out = vec![first_byte];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Asserts that the client's next close frame carries `code`.
+pub fn expect_close(c: &mut Client, code: u16, within: Duration) {
+    match c.recv_close(within) {
+        Ok(Some(f)) => assert_eq!(u16::from(f.code), code, "close frame {f:?}"),
+        other => panic!("expected close {code}, got {other:?}"),
+    }
+}
+
+/// Sends with an id and returns the ack's `delivered`.
+pub fn send_acked(c: &mut Client, to: &str, data: Value, id: u64) -> u64 {
+    c.send_acked(to, data, id.into(), T)
+        .unwrap_or_else(|e| panic!("send to {to} (id {id}): {e}"))
+}
+
+pub const T: Duration = Duration::from_secs(10);
+
+/// Reads raw bytes from the socket until the server ends the stream, and returns the server's
+/// frames as (opcode, payload). Writes nothing: a peer that answers no ping.
+pub fn read_raw_frames(c: &mut Client, within: Duration) -> Vec<(u8, Vec<u8>)> {
+    use std::io::Read;
+    let s = c.ws().get_mut();
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut frames = Vec::new();
+    let mut p = 0;
+    while p + 2 <= buf.len() {
+        let op = buf[p] & 0x0f;
+        let mut len = (buf[p + 1] & 0x7f) as usize;
+        p += 2;
+        if len == 126 {
+            len = u16::from_be_bytes([buf[p], buf[p + 1]]) as usize;
+            p += 2;
+        } else if len == 127 {
+            len = u64::from_be_bytes(buf[p..p + 8].try_into().unwrap()) as usize;
+            p += 8;
+        }
+        if p + len > buf.len() {
+            break;
+        }
+        frames.push((op, buf[p..p + len].to_vec()));
+        p += len;
+    }
+    frames
+}
+
+/// The close code of the last close frame among raw frames.
+pub fn raw_close_code(frames: &[(u8, Vec<u8>)]) -> Option<u16> {
+    frames
+        .iter()
+        .rev()
+        .find(|(op, _)| *op == 8)
+        .map(|(_, p)| u16::from_be_bytes([p[0], p[1]]))
+}

@@ -1,0 +1,37 @@
+//! The protocol checked by a third-party client: Python `websockets` (installed by
+//! `scripts/setup-python.sh` into a private venv).
+
+mod common;
+
+use std::process::Command;
+
+use common::Gateway;
+
+#[test]
+fn python_websockets_client_speaks_the_protocol() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let setup = Command::new("bash")
+        .arg(format!("{root}/scripts/setup-python.sh"))
+        .output()
+        .expect("run scripts/setup-python.sh");
+    assert!(
+        setup.status.success(),
+        "setting up the Python client failed: {}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let venv = String::from_utf8(setup.stdout).unwrap().trim().to_string();
+
+    let gw = Gateway::start(&["--max-message-size", "4096"]);
+    let out = Command::new(format!("{venv}/bin/python"))
+        .arg(format!("{root}/tests/python/protocol_check.py"))
+        .arg(gw.addr.to_string())
+        .output()
+        .expect("run the python check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("protocol check: ok"), "{stdout}");
+}
