@@ -9,7 +9,7 @@ cd "$repo"
 out=${1:-$repo/target/autobahn}
 profile=${WSGATE_PROFILE:-debug}
 if [ "$profile" = release ]; then cargo build --release --quiet; else cargo build --quiet; fi
-bin="$repo/target/$profile/wsgate"
+bin="${CARGO_TARGET_DIR:-$repo/target}/$profile/wsgate"
 log=$(mktemp)
 "$bin" --listen 127.0.0.1:0 --workers 2 --echo-path /echo \
   --max-message-size 16777216 --max-queued-bytes 67108864 >"$log" 2>&1 &

@@ -8,8 +8,9 @@
 //! * The **reader** waits for readiness without a buffer (an io_uring poll or epoll), reads into
 //!   the core's scratch buffer, and keeps only an unfinished frame. It never writes: pongs and
 //!   close replies it owes go to the writer's queue.
-//! * Liveness: the writer pings every `ping_interval`; a connection with nothing received for
-//!   `idle_timeout` is closed with 4000. There is no read timeout on a WebSocket.
+//! * Liveness: the core's sweeper (see [`ConnShared::sweep`]) queues a ping every
+//!   `ping_interval` and closes with 4000 a connection with nothing received for
+//!   `idle_timeout`. There is no read timeout on a WebSocket, and no timer per connection.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -88,6 +89,8 @@ const REGISTERED: u8 = 1;
 const PEER_CLOSED: u8 = 2;
 const DONE: u8 = 4;
 const DIRTY: u8 = 8;
+/// The close handshake the server started ran out of time: the writer shuts the socket.
+const EXPIRED: u8 = 16;
 
 /// State of one connection shared by its reader, its writer and the core's router.
 pub(crate) struct ConnShared {
@@ -98,6 +101,9 @@ pub(crate) struct ConnShared {
     writer_waker: Cell<Option<Waker>>,
     reader_waker: Cell<Option<Waker>>,
     last_seen: Cell<Instant>,
+    next_ping: Cell<Instant>,
+    /// Set once a close frame is queued: when the writer gives up waiting.
+    close_deadline: Cell<Option<Instant>>,
 }
 
 impl ConnShared {
@@ -110,7 +116,45 @@ impl ConnShared {
             writer_waker: Cell::new(None),
             reader_waker: Cell::new(None),
             last_seen: Cell::new(Instant::now()),
+            next_ping: Cell::new(Instant::now()),
+            close_deadline: Cell::new(None),
         }
+    }
+
+    /// One liveness check, run by the core's sweeper for every upgraded connection:
+    /// queue a due ping, close an idle connection with 4000, expire a stuck close.
+    /// Returns true when it closed the connection for idleness.
+    pub fn sweep(&self, now: Instant, ping_interval: Duration, idle_timeout: Duration) -> bool {
+        if self.has(DONE) {
+            return false;
+        }
+        if let Some(deadline) = self.close_deadline.get() {
+            if now >= deadline && !self.has(EXPIRED) {
+                self.set(EXPIRED);
+                self.notify_writer();
+            }
+            return false;
+        }
+        if self.close.get().is_some() {
+            return false;
+        }
+        if now.saturating_duration_since(self.last_seen.get()) >= idle_timeout {
+            self.request_close(CloseReq::initiate(4000, "idle timeout", false));
+            return true;
+        }
+        if now >= self.next_ping.get() {
+            self.next_ping.set(now + ping_interval);
+            self.push_unbounded(codec::ping());
+            self.notify_writer();
+        }
+        false
+    }
+
+    /// Starts the ping schedule (at upgrade).
+    fn start_liveness(&self, ping_interval: Duration) {
+        let now = Instant::now();
+        self.last_seen.set(now);
+        self.next_ping.set(now + ping_interval);
     }
 
     fn has(&self, f: u8) -> bool {
@@ -454,14 +498,28 @@ async fn upgrade(
     if let Some(user) = &user {
         conn.push(protocol::welcome(user, &key.to_string()), max);
     }
-    let writer = monoio::spawn(run_writer(core.clone(), stream.clone(), conn.clone()));
-    let mut session = Session {
+    let session = Session {
         key,
         user,
         echo,
         decoder: Decoder::new(core.config().max_message_size),
         state: ReadState::Open,
     };
+    // The connection lives on in two small tasks; this one, with the HTTP request and the
+    // upgrade's state, ends here so an idle connection does not keep them.
+    monoio::spawn(run_websocket(core, stream, conn, session, leftover));
+}
+
+/// The reader task of an upgraded connection; spawns the writer and cleans up after both.
+async fn run_websocket(
+    core: Rc<Core>,
+    stream: Rc<TcpStream>,
+    conn: Rc<ConnShared>,
+    mut session: Session,
+    leftover: Vec<u8>,
+) {
+    let key = session.key;
+    let writer = monoio::spawn(run_writer(core.clone(), stream.clone(), conn.clone()));
     read_loop(&core, &stream, &conn, &mut session, leftover).await;
     conn.set_peer_closed();
     conn.request_close(CloseReq {
@@ -651,37 +709,31 @@ impl Session {
 // ---- writer --------------------------------------------------------------------------------
 
 enum Event {
-    /// The queue, a close request or the peer's state changed.
+    /// The queue, a close request, a deadline or the peer's state changed.
     Work,
     /// The socket can take more bytes (or failed).
     Writable(io::Result<()>),
-    /// Ping, idle or close deadline.
-    Timer,
 }
 
 type WritableFuture = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 
-fn to_monoio(t: Instant) -> monoio::time::Instant {
-    monoio::time::Instant::from_std(t)
-}
-
-/// The connection's only writer: sends queued frames, pings, enforces the idle timeout, and
-/// closes the socket exactly once when it returns.
+/// The connection's only writer: sends queued frames (pings included) and the close frame,
+/// and closes the socket exactly once when it returns. It holds no timer: deadlines come
+/// from the core's sweeper.
 async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>) {
     let fd = stream.as_raw_fd();
-    let ping_interval = core.config().ping_interval;
-    let idle = core.config().idle_timeout;
     let shutdown_timeout = core.config().shutdown_timeout;
     let mut head = 0usize;
     let mut close_queued: Option<CloseReq> = None;
     let mut close_sent = false;
-    let mut close_deadline: Option<Instant> = None;
-    let mut next_ping = Instant::now() + ping_interval;
-    let mut timer = Box::pin(monoio::time::sleep_until(to_monoio(next_ping)));
     let mut writable: Option<WritableFuture> = None;
+    conn.start_liveness(core.config().ping_interval);
 
     'run: loop {
         conn.flags.set(conn.flags.get() & !DIRTY);
+        if conn.has(EXPIRED) {
+            break 'run;
+        }
 
         // A close request becomes a close frame at the end of the queue.
         if close_queued.is_none() {
@@ -704,9 +756,7 @@ async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>)
                 } else {
                     CLOSE_WAIT
                 };
-                let deadline = Instant::now() + wait;
-                close_deadline = Some(deadline);
-                timer.as_mut().reset(to_monoio(deadline));
+                conn.close_deadline.set(Some(Instant::now() + wait));
             }
         }
 
@@ -748,38 +798,13 @@ async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>)
                     return Poll::Ready(Event::Writable(r));
                 }
             }
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Timer);
-            }
             conn.writer_waker.set(Some(cx.waker().clone()));
             Poll::Pending
         })
         .await;
 
-        match event {
-            Event::Work | Event::Writable(Ok(())) => {}
-            Event::Writable(Err(_)) => break 'run,
-            Event::Timer => {
-                let now = Instant::now();
-                if let Some(deadline) = close_deadline {
-                    if now >= deadline {
-                        break 'run;
-                    }
-                    timer.as_mut().reset(to_monoio(deadline));
-                    continue;
-                }
-                let idle_until = conn.last_seen.get() + idle;
-                if now >= idle_until {
-                    stats::inc(&core.stats().idle_closes);
-                    conn.request_close(CloseReq::initiate(4000, "idle timeout", false));
-                    continue;
-                }
-                if now >= next_ping {
-                    conn.push_unbounded(codec::ping());
-                    next_ping = now + ping_interval;
-                }
-                timer.as_mut().reset(to_monoio(next_ping.min(idle_until)));
-            }
+        if let Event::Writable(Err(_)) = event {
+            break 'run;
         }
     }
     conn.finish();

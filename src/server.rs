@@ -230,6 +230,7 @@ async fn run_core(
     core.set_accept_canceller(canceller);
     monoio::spawn(core.clone().run_flusher());
     monoio::spawn(core.clone().run_mailbox(mailbox));
+    monoio::spawn(core.clone().run_sweeper());
     monoio::spawn(accept_loop(core.clone(), listener, cancel));
     let _ = ready.send(Ok(()));
 
