@@ -1,11 +1,14 @@
 //! Configuration: every knob in one place, with its default, unit and reason.
 //!
-//! Each flag can also be set by an environment variable `WSGATE_<FLAG>`; flags win.
+//! Each flag can also be set by an environment variable `WSGATE_<FLAG>` and by a key of a TOML
+//! file given with `--config` (`max_message_size = 4096` or `max-message-size = 4096`).
+//! Precedence: flag, then environment, then file, then the built-in default.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 /// Which monoio driver the workers run.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -22,6 +25,10 @@ pub enum DriverKind {
 #[derive(Parser, Debug, Clone)]
 #[command(name = "wsgate", version, about, long_about = None)]
 pub struct Config {
+    /// TOML file with any of these settings (keys are the flag names without `--`).
+    #[arg(long, env = "WSGATE_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
     /// Address to listen on (WebSocket upgrades, health, API). Port 0 picks a free port; the
     /// bound address is printed as `listening on ADDR`.
     #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -75,9 +82,122 @@ pub struct Config {
     /// Log filter in `RUST_LOG` syntax (e.g. `info`, `wsgate=debug`). `RUST_LOG` wins.
     #[arg(long, env = "WSGATE_LOG", default_value = "info")]
     pub log: String,
+
+    /// HS256 secret for JWT identity (`?token=` or `Authorization: Bearer`). Once set,
+    /// `?user=` is refused.
+    #[arg(long, env = "WSGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Clock skew allowed when checking a token's `exp`.
+    #[arg(long, env = "WSGATE_JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// Key every `/api/` call must present as `Authorization: Bearer <key>`.
+    #[arg(long, env = "WSGATE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Allow listening on a non-loopback address without both a JWT secret and an API key.
+    #[arg(long, env = "WSGATE_INSECURE", default_value_t = false)]
+    pub insecure: bool,
+
+    /// Comma-separated origins allowed to upgrade (checked only when an `Origin` header is
+    /// present); others get 403. Unset: every origin.
+    #[arg(long, env = "WSGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Most WebSocket connections in total; more get 503 at upgrade. 0 = no limit (the file
+    /// descriptor limit still applies).
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Most connections one user may hold; more get 429 at upgrade. 0 = no limit.
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_USER", default_value_t = 0)]
+    pub max_connections_per_user: usize,
+
+    /// Most rooms one connection may be in; beyond it `join` gets `too_many_rooms`.
+    #[arg(long, env = "WSGATE_MAX_ROOMS_PER_CONN", default_value_t = 128)]
+    pub max_rooms_per_conn: usize,
+
+    /// Messages per second a connection may send (token bucket); over it a message gets
+    /// `error rate_limited`. 0 = no limit.
+    #[arg(long, env = "WSGATE_RATE_LIMIT", default_value_t = 0.0)]
+    pub rate_limit: f64,
+
+    /// Burst for `--rate-limit` (messages). 0 = one second's worth.
+    #[arg(long, env = "WSGATE_RATE_BURST", default_value_t = 0)]
+    pub rate_burst: u32,
+
+    /// A connection refused this many messages in a row for its rate is closed with 1008.
+    #[arg(long, env = "WSGATE_RATE_LIMIT_CLOSE_AFTER", default_value_t = 100)]
+    pub rate_limit_close_after: u32,
 }
 
 impl Config {
+    /// Parses flags, environment and the `--config` file (in that precedence). Usage errors,
+    /// `--help` and `--version` print and exit as clap does; a bad file is an `Err`.
+    pub fn load() -> Result<Config, String> {
+        match Self::load_inner(std::env::args_os().collect()) {
+            Ok(c) => Ok(c),
+            Err(LoadError::Clap(e)) => e.exit(),
+            Err(LoadError::File(e)) => Err(e),
+        }
+    }
+
+    /// [`Config::load`] from explicit arguments (the first is the program name).
+    pub fn load_from<I, T>(args: I) -> Result<Config, String>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        Self::load_inner(args.into_iter().map(Into::into).collect()).map_err(|e| match e {
+            LoadError::Clap(e) => e.to_string(),
+            LoadError::File(e) => e,
+        })
+    }
+
+    fn load_inner(args: Vec<OsString>) -> Result<Config, LoadError> {
+        let file_err = LoadError::File;
+        // First pass: only to find the file (flag or WSGATE_CONFIG).
+        let first = Config::command()
+            .ignore_errors(true)
+            .try_get_matches_from(&args)
+            .ok();
+        let path = first
+            .as_ref()
+            .and_then(|m| m.get_one::<std::path::PathBuf>("config").cloned());
+        let mut cmd = Config::command();
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| file_err(format!("cannot read --config {}: {e}", path.display())))?;
+            let table: toml::Table = text
+                .parse()
+                .map_err(|e| file_err(format!("invalid TOML in {}: {e}", path.display())))?;
+            for (key, value) in table {
+                let id = key.replace('-', "_");
+                if id == "config" || !cmd.get_arguments().any(|a| a.get_id() == id.as_str()) {
+                    return Err(file_err(format!(
+                        "unknown setting `{key}` in {}",
+                        path.display()
+                    )));
+                }
+                let text = match value {
+                    toml::Value::String(s) => s,
+                    toml::Value::Array(items) => items
+                        .iter()
+                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    other => other.to_string(),
+                };
+                // The file's value becomes the default: env and flags still win.
+                let text: &'static str = Box::leak(text.into_boxed_str());
+                cmd = cmd.mut_arg(id, |a| a.default_value(text));
+            }
+        }
+        let matches: ArgMatches = cmd.try_get_matches_from(&args).map_err(LoadError::Clap)?;
+        Config::from_arg_matches(&matches).map_err(LoadError::Clap)
+    }
+
     /// The configuration with every default, listening on `listen`.
     pub fn with_listen(listen: SocketAddr) -> Self {
         let mut c = Config::parse_from(["wsgate"]);
@@ -116,6 +236,26 @@ impl Config {
         if self.max_message_size == 0 || self.max_queued_bytes == 0 {
             return Err("--max-message-size and --max-queued-bytes must be above zero".into());
         }
+        if !self.listen.ip().is_loopback()
+            && (self.jwt_secret.is_none() || self.api_key.is_none())
+            && !self.insecure
+        {
+            return Err(format!(
+                "refusing to listen on {} without both --jwt-secret and --api-key: anyone who \
+                 can reach it could connect as any user and call the API. Set both, bind to \
+                 127.0.0.1, or pass --insecure if this network is trusted",
+                self.listen
+            ));
+        }
+        if self.jwt_secret.as_deref() == Some("") || self.api_key.as_deref() == Some("") {
+            return Err("--jwt-secret and --api-key must not be empty".into());
+        }
+        if self.rate_limit < 0.0 || !self.rate_limit.is_finite() {
+            return Err("--rate-limit must be a non-negative number".into());
+        }
+        if self.max_rooms_per_conn == 0 {
+            return Err("--max-rooms-per-conn must be above zero".into());
+        }
         if let Some(p) = &self.echo_path {
             if !p.starts_with('/') || p == "/ws" {
                 return Err(format!(
@@ -125,6 +265,11 @@ impl Config {
         }
         Ok(())
     }
+}
+
+enum LoadError {
+    Clap(clap::Error),
+    File(String),
 }
 
 /// Parses `500ms`, `2s`, `1m`, `1h` (anything humantime accepts).
@@ -153,6 +298,50 @@ mod tests {
         assert_eq!(c.max_message_size, 65536);
         assert_eq!(c.max_queued_bytes, 1 << 20);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn file_env_and_flag_precedence() {
+        let dir = std::env::temp_dir().join(format!("wsgate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("wsgate.toml");
+        std::fs::write(
+            &file,
+            "max-message-size = 1000\nmax_queued_bytes = 2000\nping_interval = \"3s\"\n\
+             allowed_origins = [\"https://a\", \"https://b\"]\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = Config::load_from(["wsgate", "--config", f]).unwrap();
+        assert_eq!(c.max_message_size, 1000);
+        assert_eq!(c.max_queued_bytes, 2000);
+        assert_eq!(c.ping_interval, Duration::from_secs(3));
+        assert_eq!(c.allowed_origins, vec!["https://a", "https://b"]);
+        let c = Config::load_from(["wsgate", "--config", f, "--max-message-size", "7"]).unwrap();
+        assert_eq!(c.max_message_size, 7);
+        std::fs::write(&file, "no_such_flag = 1\n").unwrap();
+        let e = Config::load_from(["wsgate", "--config", f]).unwrap_err();
+        assert!(e.contains("no_such_flag"), "{e}");
+        std::fs::write(&file, "max_message_size = \"lots\"\n").unwrap();
+        assert!(Config::load_from(["wsgate", "--config", f]).is_err());
+    }
+
+    #[test]
+    fn public_address_needs_secrets_or_insecure() {
+        let c = Config::parse_from(["wsgate", "--listen", "0.0.0.0:0"]);
+        assert!(c.validate().unwrap_err().contains("--insecure"));
+        let c = Config::parse_from(["wsgate", "--listen", "0.0.0.0:0", "--insecure"]);
+        assert!(c.validate().is_ok());
+        let c = Config::parse_from([
+            "wsgate",
+            "--listen",
+            "0.0.0.0:0",
+            "--jwt-secret",
+            "s",
+            "--api-key",
+            "k",
+        ]);
         assert!(c.validate().is_ok());
     }
 

@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use monoio::net::TcpStream;
 
+use crate::auth;
 use crate::codec::{self, DecodeError, Decoder, Msg};
-use crate::core::{ConnEntry, Core, Reply};
+use crate::core::{ConnEntry, Core, Joined, Reply};
 use crate::http::{self, HttpError, Request};
 use crate::key::ConnKey;
 use crate::protocol::{self, ErrorCode, ProtoError, Request as ProtoRequest};
@@ -91,6 +92,8 @@ const DONE: u8 = 4;
 const DIRTY: u8 = 8;
 /// The close handshake the server started ran out of time: the writer shuts the socket.
 const EXPIRED: u8 = 16;
+/// The user's owner refused the registration (per-user connection limit).
+const REFUSED: u8 = 32;
 
 /// State of one connection shared by its reader, its writer and the core's router.
 pub(crate) struct ConnShared {
@@ -104,6 +107,8 @@ pub(crate) struct ConnShared {
     next_ping: Cell<Instant>,
     /// Set once a close frame is queued: when the writer gives up waiting.
     close_deadline: Cell<Option<Instant>>,
+    /// When the connection's token expires (closed with 1008 then).
+    expires_at: Cell<Option<Instant>>,
 }
 
 impl ConnShared {
@@ -118,6 +123,7 @@ impl ConnShared {
             last_seen: Cell::new(Instant::now()),
             next_ping: Cell::new(Instant::now()),
             close_deadline: Cell::new(None),
+            expires_at: Cell::new(None),
         }
     }
 
@@ -136,6 +142,10 @@ impl ConnShared {
             return false;
         }
         if self.close.get().is_some() {
+            return false;
+        }
+        if self.expires_at.get().is_some_and(|t| now >= t) {
+            self.request_close(CloseReq::initiate(1008, "token expired", true));
             return false;
         }
         if now.saturating_duration_since(self.last_seen.get()) >= idle_timeout {
@@ -203,18 +213,19 @@ impl ConnShared {
         self.notify_writer();
     }
 
-    /// The directory has this connection: it may be welcomed.
-    pub fn set_registered(&self) {
-        self.set(REGISTERED);
+    /// The directory has this connection (it may be welcomed), or refused it (`ok` false).
+    pub fn set_registered(&self, ok: bool) {
+        self.set(if ok { REGISTERED } else { REGISTERED | REFUSED });
         if let Some(w) = self.reader_waker.take() {
             w.wake();
         }
     }
 
-    async fn registered(&self) {
+    /// Waits for the owner's answer; true when registered.
+    async fn registered(&self) -> bool {
         poll_fn(|cx| {
             if self.has(REGISTERED) {
-                Poll::Ready(())
+                Poll::Ready(!self.has(REFUSED))
             } else {
                 self.reader_waker.set(Some(cx.waker().clone()));
                 Poll::Pending
@@ -411,7 +422,7 @@ pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream) {
             return;
         }
         let keep_alive = req.keep_alive();
-        let answer = answer_http(&core, &req, keep_alive);
+        let answer = crate::api::answer(&core, &req, keep_alive).await;
         if write_all(&stream, &answer).await.is_err() || !keep_alive {
             break;
         }
@@ -420,25 +431,10 @@ pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream) {
     shutdown(stream.as_raw_fd());
 }
 
-/// Answers a plain HTTP request.
-fn answer_http(core: &Core, req: &Request, keep_alive: bool) -> Vec<u8> {
-    let get = req.method == "GET" || req.method == "HEAD";
-    match req.path.as_str() {
-        "/healthz" if get => http::response(200, "text/plain", b"ok", keep_alive, ""),
-        "/api/stats" if get => {
-            let body = crate::server::stats_json(&core.shared);
-            http::response(200, "application/json", body.as_bytes(), keep_alive, "")
-        }
-        "/healthz" | "/api/stats" => {
-            http::json_error(405, "method_not_allowed", "use GET", keep_alive)
-        }
-        _ => http::json_error(404, "not_found", "no such path", keep_alive),
-    }
-}
-
 /// Refuses an upgrade with a plain HTTP answer.
 async fn refuse(core: &Core, stream: &TcpStream, e: HttpError) {
     stats::inc(&core.stats().handshake_failures);
+    core.stats().count_refusal(e.status);
     tracing::debug!(status = e.status, reason = %e.message, "upgrade refused");
     let _ = write_all(stream, &http::error_response(&e)).await;
     shutdown(stream.as_raw_fd());
@@ -455,26 +451,45 @@ async fn upgrade(
         Ok(a) => a,
         Err(e) => return refuse(&core, &stream, e).await,
     };
-    let user: Option<Rc<str>> = if echo {
-        None
+    if let Err(e) = check_origin(core.config(), &req) {
+        return refuse(&core, &stream, e).await;
+    }
+    let (user, expires): (Option<Rc<str>>, Option<Duration>) = if echo {
+        (None, None)
     } else {
-        match identity(&req) {
-            Ok(u) => Some(u.into()),
+        match identity(core.config(), &req) {
+            Ok(id) => {
+                let expires = id.remaining();
+                (Some(id.user.into()), expires)
+            }
             Err(e) => return refuse(&core, &stream, e).await,
         }
     };
+    drop(req);
     if core.shutting_down.get() {
         let e = HttpError::new(503, "server shutting down");
         return refuse(&core, &stream, e).await;
     }
+    let max = core.config().max_connections;
+    let total = &core.shared.total_connections;
+    if total.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= max && max > 0 {
+        total.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let e = HttpError::new(503, format!("connection limit reached ({max})"));
+        return refuse(&core, &stream, e).await;
+    }
     let conn = Rc::new(ConnShared::new());
+    if let Some(left) = expires {
+        conn.expires_at.set(Some(Instant::now() + left));
+    }
     let inserted = core.conns.borrow_mut().insert(ConnEntry {
         user: user.clone(),
         conn: conn.clone(),
+        rooms: Vec::new(),
     });
     let key = match inserted {
         Ok(k) => k,
         Err(_) => {
+            total.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             let e = HttpError::new(503, "connection table full");
             return refuse(&core, &stream, e).await;
         }
@@ -486,11 +501,20 @@ async fn upgrade(
     if let Some(user) = &user {
         core.register(user, key);
         let registered = monoio::time::timeout(core.config().handshake_timeout, conn.registered());
-        if registered.await.is_err() {
-            tracing::warn!(%key, "registration not confirmed in time");
-            core.remove_conn(key);
-            shutdown(stream.as_raw_fd());
-            return;
+        match registered.await {
+            Ok(true) => {}
+            Ok(false) => {
+                core.remove_conn(key);
+                let limit = core.config().max_connections_per_user;
+                let e = HttpError::new(429, format!("user already has {limit} connections"));
+                return refuse(&core, &stream, e).await;
+            }
+            Err(_) => {
+                tracing::warn!(%key, "registration not confirmed in time");
+                core.remove_conn(key);
+                shutdown(stream.as_raw_fd());
+                return;
+            }
         }
     }
     let max = usize::MAX;
@@ -504,6 +528,13 @@ async fn upgrade(
         echo,
         decoder: Decoder::new(core.config().max_message_size),
         state: ReadState::Open,
+        limiter: (core.config().rate_limit > 0.0).then(|| {
+            Box::new(RateLimiter {
+                tokens: 0.0,
+                last: Instant::now() - Duration::from_secs(3600),
+                refused_in_a_row: 0,
+            })
+        }),
     };
     // The connection lives on in two small tasks; this one, with the HTTP request and the
     // upgrade's state, ends here so an idle connection does not keep them.
@@ -531,8 +562,33 @@ async fn run_websocket(
     core.remove_conn(key);
 }
 
-/// The user id of an upgrade request (development mode: `?user=ID`).
-fn identity(req: &Request) -> Result<String, HttpError> {
+/// With `--allowed-origins`, an upgrade carrying an `Origin` must name one of them.
+fn check_origin(config: &crate::Config, req: &Request) -> Result<(), HttpError> {
+    if config.allowed_origins.is_empty() {
+        return Ok(());
+    }
+    match req.header("origin") {
+        Some(o) if !config.allowed_origins.iter().any(|a| a == o.trim()) => {
+            Err(HttpError::new(403, "origin not allowed"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The identity of an upgrade: a JWT (`Authorization: Bearer` or `?token=`) when a secret is
+/// configured, else `?user=ID` (development mode).
+fn identity(config: &crate::Config, req: &Request) -> Result<auth::Identity, HttpError> {
+    if let Some(secret) = &config.jwt_secret {
+        let token = req
+            .bearer()
+            .map(str::to_string)
+            .or_else(|| req.query_param("token"))
+            .ok_or_else(|| {
+                HttpError::new(401, "missing token: send Authorization: Bearer or ?token=")
+            })?;
+        return auth::verify_jwt(&token, secret.as_bytes(), config.jwt_leeway)
+            .map_err(|e| HttpError::new(401, e.to_string()));
+    }
     let user = req
         .query_param("user")
         .ok_or_else(|| HttpError::new(401, "missing identity: connect with ?user=ID"))?;
@@ -542,7 +598,10 @@ fn identity(req: &Request) -> Result<String, HttpError> {
             "invalid user id: 1-64 bytes of A-Z a-z 0-9 _ - . : @",
         ));
     }
-    Ok(user)
+    Ok(auth::Identity {
+        user,
+        expires_at: None,
+    })
 }
 
 // ---- reader --------------------------------------------------------------------------------
@@ -563,6 +622,47 @@ struct Session {
     echo: bool,
     decoder: Decoder,
     state: ReadState,
+    limiter: Option<Box<RateLimiter>>,
+}
+
+/// Token bucket for `--rate-limit`, allocated only when the limit is on.
+struct RateLimiter {
+    tokens: f64,
+    last: Instant,
+    refused_in_a_row: u32,
+}
+
+/// Whether a message may pass the rate limit.
+enum Rate {
+    Pass,
+    Refuse,
+    /// Refused too many times in a row: close with 1008.
+    Abuse,
+}
+
+impl RateLimiter {
+    fn check(&mut self, config: &crate::Config) -> Rate {
+        let rate = config.rate_limit;
+        let burst = if config.rate_burst == 0 {
+            rate.max(1.0)
+        } else {
+            config.rate_burst as f64
+        };
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused_in_a_row = 0;
+            return Rate::Pass;
+        }
+        self.refused_in_a_row += 1;
+        if self.refused_in_a_row >= config.rate_limit_close_after {
+            Rate::Abuse
+        } else {
+            Rate::Refuse
+        }
+    }
 }
 
 async fn read_loop(
@@ -658,6 +758,9 @@ impl Session {
             }
             Msg::Text(text) => {
                 stats::inc(&core.stats().messages_in);
+                if !self.within_rate(core, conn, text) {
+                    return true;
+                }
                 if self.echo {
                     core.push_to(conn, codec::text(text.as_bytes()));
                 } else {
@@ -680,26 +783,75 @@ impl Session {
         true
     }
 
+    /// Applies `--rate-limit`; false when the message is refused (and answered).
+    fn within_rate(&mut self, core: &Core, conn: &ConnShared, text: &str) -> bool {
+        let Some(limiter) = self.limiter.as_mut() else {
+            return true;
+        };
+        match limiter.check(core.config()) {
+            Rate::Pass => true,
+            Rate::Refuse => {
+                stats::inc(&core.stats().rate_limited);
+                let id = protocol::parse(text).id.map(|i| i.to_owned());
+                let e = ProtoError {
+                    code: ErrorCode::RateLimited,
+                    message: "over the message rate limit; slow down".into(),
+                };
+                core.push_to(conn, protocol::error(id.as_deref(), &e));
+                false
+            }
+            Rate::Abuse => {
+                stats::inc(&core.stats().rate_limited);
+                stats::inc(&core.stats().rate_limit_closes);
+                conn.request_close(CloseReq::initiate(1008, "rate limit exceeded", true));
+                self.state = ReadState::Closed;
+                false
+            }
+        }
+    }
+
     fn on_request(&mut self, core: &Core, conn: &ConnShared, text: &str) {
         let parsed = protocol::parse(text);
         let from = self.user.as_deref();
+        let ack = |id: Option<&serde_json::value::RawValue>| {
+            id.map(|id| Reply::Ack {
+                conn: self.key,
+                id: id.to_owned(),
+            })
+        };
         match parsed.request {
             Ok(ProtoRequest::Send { to, data }) => {
                 let frame = protocol::message(from, None, data);
-                let reply = parsed.id.map(|id| Reply::Ack {
-                    conn: self.key,
-                    id: id.to_owned(),
-                });
-                core.send_to_user(&to, frame, reply);
+                core.send_to_user(&to, frame, ack(parsed.id));
             }
-            Ok(ProtoRequest::Join { .. })
-            | Ok(ProtoRequest::Leave { .. })
-            | Ok(ProtoRequest::Publish { .. }) => {
-                let e = ProtoError {
-                    code: ErrorCode::BadRequest,
-                    message: "rooms are not enabled on this gateway".into(),
-                };
-                core.push_to(conn, protocol::error(parsed.id, &e));
+            Ok(ProtoRequest::Publish { room, data }) => {
+                let frame = protocol::message(from, Some(&room), data);
+                core.publish(&room, frame, ack(parsed.id));
+            }
+            Ok(ProtoRequest::Join { room }) => match core.join(self.key, &room) {
+                Joined::Ok => {
+                    if let Some(id) = parsed.id {
+                        core.push_to(conn, protocol::ack(id, None));
+                    }
+                }
+                Joined::TooMany => {
+                    stats::inc(&core.stats().too_many_rooms);
+                    let e = ProtoError {
+                        code: ErrorCode::TooManyRooms,
+                        message: format!(
+                            "a connection may join at most {} rooms",
+                            core.config().max_rooms_per_conn
+                        )
+                        .into(),
+                    };
+                    core.push_to(conn, protocol::error(parsed.id, &e));
+                }
+            },
+            Ok(ProtoRequest::Leave { room }) => {
+                core.leave(self.key, &room);
+                if let Some(id) = parsed.id {
+                    core.push_to(conn, protocol::ack(id, None));
+                }
             }
             Err(e) => core.push_to(conn, protocol::error(parsed.id, &e)),
         }
@@ -807,6 +959,8 @@ async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>)
             break 'run;
         }
     }
+    let code = close_queued.map(|r| r.code.unwrap_or(1005));
+    core.stats().count_close(code);
     conn.finish();
     shutdown(fd);
 }

@@ -19,6 +19,21 @@
 //! Cost: a send to a user owned elsewhere crosses twice (to the owner, then to the recipient's
 //! core if that is not the owner). Every hop is batched: messages bound for one core during
 //! one scheduler pass travel as one batch with one wake.
+//!
+//! # Rooms
+//!
+//! Membership belongs to a connection and lives on the connection's core: each core keeps
+//! `room → member keys` for its own connections only, so `join` and `leave` never leave the
+//! core. A publish fans out locally and crosses to every other core once (one batch entry
+//! carrying the frame encoded once); each core fans out to its members and answers with its
+//! count, which the publishing core adds up for `delivered`. A closed connection leaves its
+//! rooms by its exact key.
+//!
+//! # Waiters
+//!
+//! Answers that need counts from other cores (publish and broadcast `delivered`, API calls)
+//! wait in a per-core generational slab of waiters; other cores answer with `Count`. A stale
+//! waiter key (its caller gave up) is a no-op, like every other key.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -31,6 +46,7 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use indexmap::IndexSet;
 use serde_json::value::RawValue;
 use smallvec::SmallVec;
 
@@ -54,6 +70,50 @@ pub(crate) enum Reply {
         /// The request's `id`, raw JSON.
         id: Box<RawValue>,
     },
+    /// A waiter on the key's core: send it the count.
+    Waiter(ConnKey),
+}
+
+/// What a waiter does once every count is in.
+enum Done {
+    /// Ack a WebSocket request.
+    Ack { conn: ConnKey, id: Box<RawValue> },
+    /// Wake a local task (an API call).
+    Local(Rc<Slot>),
+}
+
+struct Waiter {
+    remaining: usize,
+    sum: u64,
+    done: Done,
+}
+
+/// A one-shot count for a local task to await.
+#[derive(Default)]
+pub(crate) struct Slot {
+    value: Cell<Option<u64>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Slot {
+    fn set(&self, v: u64) {
+        self.value.set(Some(v));
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Waits for the count.
+    pub async fn wait(&self) -> u64 {
+        poll_fn(|cx| match self.value.get() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
 }
 
 /// What cores send each other.
@@ -61,8 +121,9 @@ pub(crate) enum Reply {
 pub(crate) enum CoreMsg {
     /// To a user's owner: add this connection to the user's directory entry.
     Register { user: Box<str>, key: ConnKey },
-    /// To a connection's core: its registration is in place; it may be welcomed.
-    Registered { key: ConnKey },
+    /// To a connection's core: its registration is in place (it may be welcomed), or was
+    /// refused for the per-user connection limit.
+    Registered { key: ConnKey, ok: bool },
     /// To a user's owner: remove exactly this connection from the user's entry.
     Unregister { user: Box<str>, key: ConnKey },
     /// To a user's owner: deliver a frame to every connection of the user.
@@ -76,6 +137,26 @@ pub(crate) enum CoreMsg {
         keys: SmallVec<[ConnKey; 4]>,
         frame: Bytes,
     },
+    /// To every other core: deliver a frame to this core's members of `room`; answer with
+    /// the count when a waiter is named.
+    RoomPublish {
+        room: Box<str>,
+        frame: Bytes,
+        waiter: Option<ConnKey>,
+    },
+    /// To every other core: deliver a frame to every user connection.
+    Broadcast {
+        frame: Bytes,
+        waiter: Option<ConnKey>,
+    },
+    /// To a user's owner: count the user's connections.
+    Presence { user: Box<str>, waiter: ConnKey },
+    /// To a user's owner: close every connection of the user with 1008.
+    Disconnect { user: Box<str>, waiter: ConnKey },
+    /// To a connection's core: close these connections with 1008.
+    Kick { keys: SmallVec<[ConnKey; 4]> },
+    /// A count for a waiter of this core.
+    Count { waiter: ConnKey, n: u64 },
     /// Stop accepting and close every connection with 1001.
     Shutdown,
 }
@@ -87,6 +168,9 @@ pub(crate) struct Shared {
     pub mailboxes: Vec<MailboxSender<CoreMsg>>,
     pub stats: Vec<CoreStats>,
     pub shutdown: AtomicBool,
+    /// Open WebSocket connections over all cores, for `--max-connections` (touched once per
+    /// connect and disconnect, never per message).
+    pub total_connections: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -119,6 +203,17 @@ pub(crate) struct ConnEntry {
     pub user: Option<Rc<str>>,
     /// State shared with the connection's reader and writer.
     pub conn: Rc<ConnShared>,
+    /// Rooms this connection is a member of (empty for most connections).
+    pub rooms: Vec<Box<str>>,
+}
+
+/// Outcome of a `join`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Joined {
+    /// Member now (or already).
+    Ok,
+    /// At `--max-rooms-per-conn` already.
+    TooMany,
 }
 
 /// One core: everything here is touched only by this core's thread.
@@ -127,6 +222,8 @@ pub(crate) struct Core {
     pub shared: Arc<Shared>,
     pub conns: RefCell<GenSlab<ConnEntry>>,
     directory: RefCell<HashMap<Box<str>, KeyList>>,
+    rooms: RefCell<HashMap<Box<str>, IndexSet<ConnKey>>>,
+    waiters: RefCell<GenSlab<Waiter>>,
     outbox: RefCell<Vec<Vec<CoreMsg>>>,
     flush_pending: Cell<bool>,
     flush_waker: Cell<Option<Waker>>,
@@ -149,6 +246,8 @@ impl Core {
             shared,
             conns: RefCell::new(GenSlab::new(id)),
             directory: RefCell::new(HashMap::new()),
+            rooms: RefCell::new(HashMap::new()),
+            waiters: RefCell::new(GenSlab::new(id)),
             outbox: RefCell::new((0..cores).map(|_| Vec::new()).collect()),
             flush_pending: Cell::new(false),
             flush_waker: Cell::new(None),
@@ -230,7 +329,7 @@ impl Core {
     fn handle(&self, msg: CoreMsg) {
         match msg {
             CoreMsg::Register { user, key } => self.directory_add(user, key),
-            CoreMsg::Registered { key } => self.on_registered(key),
+            CoreMsg::Registered { key, ok } => self.on_registered(key, ok),
             CoreMsg::Unregister { user, key } => self.directory_remove(&user, key),
             CoreMsg::Route { user, frame, reply } => self.route_owned(&user, frame, reply),
             CoreMsg::Deliver { keys, frame } => {
@@ -238,6 +337,36 @@ impl Core {
                     self.deliver_local(key, frame.clone());
                 }
             }
+            CoreMsg::RoomPublish {
+                room,
+                frame,
+                waiter,
+            } => {
+                let n = self.publish_local(&room, &frame);
+                if let Some(w) = waiter {
+                    self.count_to(w, n);
+                }
+            }
+            CoreMsg::Broadcast { frame, waiter } => {
+                let n = self.broadcast_local(&frame);
+                if let Some(w) = waiter {
+                    self.count_to(w, n);
+                }
+            }
+            CoreMsg::Presence { user, waiter } => {
+                let n = self.directory.borrow().get(&user).map_or(0, |k| k.len());
+                self.count_to(waiter, n as u64);
+            }
+            CoreMsg::Disconnect { user, waiter } => {
+                let n = self.disconnect_owned(&user);
+                self.count_to(waiter, n);
+            }
+            CoreMsg::Kick { keys } => {
+                for key in keys {
+                    self.kick_local(key);
+                }
+            }
+            CoreMsg::Count { waiter, n } => self.count(waiter, n),
             CoreMsg::Shutdown => self.begin_shutdown(),
         }
     }
@@ -278,20 +407,25 @@ impl Core {
     }
 
     fn directory_add(&self, user: Box<str>, key: ConnKey) {
-        {
+        let limit = self.config().max_connections_per_user;
+        let ok = {
             let mut dir = self.directory.borrow_mut();
-            let keys = dir.entry(user).or_insert_with(|| {
-                stats::add_gauge(&self.stats().users, 1);
-                KeyList::new()
-            });
-            if let Err(pos) = keys.binary_search(&key) {
-                keys.insert(pos, key);
+            let full = limit > 0 && dir.get(&user).is_some_and(|k| k.len() >= limit);
+            if !full {
+                let keys = dir.entry(user).or_insert_with(|| {
+                    stats::add_gauge(&self.stats().users, 1);
+                    KeyList::new()
+                });
+                if let Err(pos) = keys.binary_search(&key) {
+                    keys.insert(pos, key);
+                }
             }
-        }
+            !full
+        };
         if key.core() == self.id {
-            self.on_registered(key);
+            self.on_registered(key, ok);
         } else {
-            self.post(key.core(), CoreMsg::Registered { key });
+            self.post(key.core(), CoreMsg::Registered { key, ok });
         }
     }
 
@@ -306,9 +440,9 @@ impl Core {
         }
     }
 
-    fn on_registered(&self, key: ConnKey) {
+    fn on_registered(&self, key: ConnKey, ok: bool) {
         if let Some(entry) = self.conns.borrow().get(key) {
-            entry.conn.set_registered();
+            entry.conn.set_registered(ok);
         }
     }
 
@@ -357,12 +491,290 @@ impl Core {
             }
         }
         stats::add(&self.stats().deliveries, delivered);
-        match reply {
-            Some(Reply::Ack { conn, id }) => {
-                self.deliver_to(conn, protocol::ack(&id, Some(delivered)));
-            }
-            None => {}
+        if let Some(reply) = reply {
+            self.complete(reply, delivered);
         }
+    }
+
+    /// Hands a routed message's count to whoever waits for it.
+    fn complete(&self, reply: Reply, n: u64) {
+        match reply {
+            Reply::Ack { conn, id } => self.deliver_to(conn, protocol::ack(&id, Some(n))),
+            Reply::Waiter(key) => self.count_to(key, n),
+        }
+    }
+
+    fn count_to(&self, waiter: ConnKey, n: u64) {
+        if waiter.core() == self.id {
+            self.count(waiter, n);
+        } else {
+            self.post(waiter.core(), CoreMsg::Count { waiter, n });
+        }
+    }
+
+    /// Adds a count to a local waiter; the last count finishes it. A stale key is a no-op.
+    fn count(&self, key: ConnKey, n: u64) {
+        let finished = {
+            let mut waiters = self.waiters.borrow_mut();
+            let Some(w) = waiters.get_mut(key) else {
+                return;
+            };
+            w.sum += n;
+            w.remaining = w.remaining.saturating_sub(1);
+            if w.remaining > 0 {
+                return;
+            }
+            waiters.remove(key)
+        };
+        if let Some(w) = finished {
+            self.finish(w.done, w.sum);
+        }
+    }
+
+    fn finish(&self, done: Done, sum: u64) {
+        match done {
+            Done::Ack { conn, id } => self.deliver_to(conn, protocol::ack(&id, Some(sum))),
+            Done::Local(slot) => slot.set(sum),
+        }
+    }
+
+    /// Registers a waiter for `remaining` counts starting from `sum`; `None` when the core's
+    /// waiter table is full (then the caller is answered at once with `sum`).
+    fn add_waiter(&self, remaining: usize, sum: u64, done: Done) -> Option<ConnKey> {
+        match self.waiters.borrow_mut().insert(Waiter {
+            remaining,
+            sum,
+            done,
+        }) {
+            Ok(k) => Some(k),
+            Err(w) => {
+                self.finish(w.done, w.sum);
+                None
+            }
+        }
+    }
+
+    /// Runs a local fan-out, then sends `msg(waiter)` to every other core and gathers their
+    /// counts into `done` (if any).
+    fn gather_all(&self, local: u64, done: Option<Done>, msg: impl Fn(Option<ConnKey>) -> CoreMsg) {
+        let others = self.shared.cores - 1;
+        let waiter = match done {
+            Some(done) if others == 0 => {
+                self.finish(done, local);
+                None
+            }
+            Some(done) => self.add_waiter(others, local, done),
+            None => None,
+        };
+        for core in (0..self.shared.cores).filter(|c| *c != self.id) {
+            self.post(core, msg(waiter));
+        }
+    }
+
+    // ---- rooms ---------------------------------------------------------------------------
+
+    /// Makes a connection of this core a member of `room`.
+    pub fn join(&self, key: ConnKey, room: &str) -> Joined {
+        let mut conns = self.conns.borrow_mut();
+        let Some(entry) = conns.get_mut(key) else {
+            return Joined::Ok;
+        };
+        if entry.rooms.iter().any(|r| &**r == room) {
+            return Joined::Ok;
+        }
+        if entry.rooms.len() >= self.config().max_rooms_per_conn {
+            return Joined::TooMany;
+        }
+        entry.rooms.push(room.into());
+        let mut rooms = self.rooms.borrow_mut();
+        let members = rooms.entry(room.into()).or_insert_with(|| {
+            stats::add_gauge(&self.stats().rooms, 1);
+            IndexSet::new()
+        });
+        members.insert(key);
+        Joined::Ok
+    }
+
+    /// Ends a membership (a no-op when there is none).
+    pub fn leave(&self, key: ConnKey, room: &str) {
+        if let Some(entry) = self.conns.borrow_mut().get_mut(key) {
+            entry.rooms.retain(|r| &**r != room);
+        }
+        self.leave_room_set(key, room);
+    }
+
+    fn leave_room_set(&self, key: ConnKey, room: &str) {
+        let mut rooms = self.rooms.borrow_mut();
+        if let Some(members) = rooms.get_mut(room) {
+            members.swap_remove(&key);
+            if members.is_empty() {
+                rooms.remove(room);
+                stats::add_gauge(&self.stats().rooms, -1);
+            }
+        }
+    }
+
+    /// Delivers to this core's members of `room`; returns how many.
+    fn publish_local(&self, room: &str, frame: &Bytes) -> u64 {
+        let members: SmallVec<[ConnKey; 16]> = match self.rooms.borrow().get(room) {
+            Some(m) => m.iter().copied().collect(),
+            None => return 0,
+        };
+        for key in &members {
+            self.deliver_local(*key, frame.clone());
+        }
+        stats::add(&self.stats().deliveries, members.len() as u64);
+        members.len() as u64
+    }
+
+    /// Publishes to every member of `room` on every core.
+    pub fn publish(&self, room: &str, frame: Bytes, reply: Option<Reply>) {
+        let local = self.publish_local(room, &frame);
+        let done = reply.map(|r| match r {
+            Reply::Ack { conn, id } => Done::Ack { conn, id },
+            Reply::Waiter(_) => unreachable!("publish callers pass an ack or use the API path"),
+        });
+        self.gather_all(local, done, |waiter| CoreMsg::RoomPublish {
+            room: room.into(),
+            frame: frame.clone(),
+            waiter,
+        });
+    }
+
+    /// Delivers to every user connection of this core; returns how many.
+    fn broadcast_local(&self, frame: &Bytes) -> u64 {
+        let conns: Vec<Rc<ConnShared>> = self
+            .conns
+            .borrow()
+            .iter()
+            .filter(|(_, e)| e.user.is_some())
+            .map(|(_, e)| e.conn.clone())
+            .collect();
+        for conn in &conns {
+            self.push_to(conn, frame.clone());
+        }
+        stats::add(&self.stats().deliveries, conns.len() as u64);
+        conns.len() as u64
+    }
+
+    // ---- backend API ---------------------------------------------------------------------
+
+    fn local_waiter(&self, remaining: usize) -> (Rc<Slot>, Option<ConnKey>) {
+        let slot = Rc::new(Slot::default());
+        let key = self.add_waiter(remaining, 0, Done::Local(slot.clone()));
+        (slot, key)
+    }
+
+    /// `POST /api/send`: the count of connections the frame was handed to.
+    pub fn api_send(&self, user: &str, frame: Bytes) -> Rc<Slot> {
+        let (slot, key) = self.local_waiter(1);
+        if let Some(key) = key {
+            self.send_to_user(user, frame, Some(Reply::Waiter(key)));
+        }
+        slot
+    }
+
+    /// `POST /api/publish`.
+    pub fn api_publish(&self, room: &str, frame: Bytes) -> Rc<Slot> {
+        let slot = Rc::new(Slot::default());
+        let local = self.publish_local(room, &frame);
+        self.gather_all(local, Some(Done::Local(slot.clone())), |waiter| {
+            CoreMsg::RoomPublish {
+                room: room.into(),
+                frame: frame.clone(),
+                waiter,
+            }
+        });
+        slot
+    }
+
+    /// `POST /api/broadcast`.
+    pub fn api_broadcast(&self, frame: Bytes) -> Rc<Slot> {
+        let slot = Rc::new(Slot::default());
+        let local = self.broadcast_local(&frame);
+        self.gather_all(local, Some(Done::Local(slot.clone())), |waiter| {
+            CoreMsg::Broadcast {
+                frame: frame.clone(),
+                waiter,
+            }
+        });
+        slot
+    }
+
+    /// `GET /api/presence/{user}`.
+    pub fn api_presence(&self, user: &str) -> Rc<Slot> {
+        let (slot, key) = self.local_waiter(1);
+        if let Some(waiter) = key {
+            let owner = self.shared.owner_of(user);
+            if owner == self.id {
+                let n = self.directory.borrow().get(user).map_or(0, |k| k.len());
+                self.count(waiter, n as u64);
+            } else {
+                self.post(
+                    owner,
+                    CoreMsg::Presence {
+                        user: user.into(),
+                        waiter,
+                    },
+                );
+            }
+        }
+        slot
+    }
+
+    /// `POST /api/disconnect`.
+    pub fn api_disconnect(&self, user: &str) -> Rc<Slot> {
+        let (slot, key) = self.local_waiter(1);
+        if let Some(waiter) = key {
+            let owner = self.shared.owner_of(user);
+            if owner == self.id {
+                let n = self.disconnect_owned(user);
+                self.count(waiter, n);
+            } else {
+                self.post(
+                    owner,
+                    CoreMsg::Disconnect {
+                        user: user.into(),
+                        waiter,
+                    },
+                );
+            }
+        }
+        slot
+    }
+
+    /// On the owner: closes every connection of `user` with 1008; returns how many.
+    fn disconnect_owned(&self, user: &str) -> u64 {
+        let keys: KeyList = self
+            .directory
+            .borrow()
+            .get(user)
+            .cloned()
+            .unwrap_or_default();
+        for group in keys.chunk_by(|a, b| a.core() == b.core()) {
+            let core = group[0].core();
+            if core == self.id {
+                for key in group {
+                    self.kick_local(*key);
+                }
+            } else {
+                self.post(
+                    core,
+                    CoreMsg::Kick {
+                        keys: group.iter().copied().collect(),
+                    },
+                );
+            }
+        }
+        keys.len() as u64
+    }
+
+    fn kick_local(&self, key: ConnKey) {
+        let conn = match self.conns.borrow().get(key) {
+            Some(e) => e.conn.clone(),
+            None => return,
+        };
+        conn.request_close(CloseReq::initiate(1008, "disconnected by the server", true));
     }
 
     /// Delivers one frame to one connection on any core.
@@ -406,6 +818,12 @@ impl Core {
         let removed = self.conns.borrow_mut().remove(key);
         if let Some(entry) = removed {
             stats::add_gauge(&self.stats().connections, -1);
+            self.shared
+                .total_connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            for room in &entry.rooms {
+                self.leave_room_set(key, room);
+            }
             if let Some(user) = &entry.user {
                 self.unregister(user, key);
             }

@@ -7,6 +7,8 @@
 //!
 //! | module | stage of a connection's life |
 //! | --- | --- |
+//! | `api` | plain HTTP: health, metrics, backend API |
+//! | [`auth`] | JWT identity and the API key |
 //! | [`server`] | listeners (`SO_REUSEPORT`, one per core), worker threads, shutdown |
 //! | `core` | one core's state: connection slab, user directory, router, cross-core batches |
 //! | `conn` | a connection: HTTP request, upgrade, the reader, the single writer |
@@ -24,6 +26,8 @@
 
 #![warn(missing_docs)]
 
+mod api;
+pub mod auth;
 pub mod client;
 pub mod codec;
 pub mod config;

@@ -114,6 +114,8 @@ struct Fields<'a> {
     room: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    user: Option<&'a RawValue>,
 }
 
 /// `Option<&RawValue>` that keeps a JSON `null` as `Some("null")`: `data: null` is a value,
@@ -239,6 +241,69 @@ fn request<'a>(f: &Fields<'a>) -> Result<Request<'a>, ProtoError> {
                 "unknown type `{}`",
                 other.chars().take(32).collect::<String>()
             ),
+        )),
+    }
+}
+
+/// A backend API call's body, parsed.
+#[derive(Debug)]
+pub enum ApiRequest<'a> {
+    /// `POST /api/send`.
+    Send {
+        /// Recipient user id.
+        to: Cow<'a, str>,
+        /// Raw JSON payload.
+        data: &'a RawValue,
+    },
+    /// `POST /api/publish`.
+    Publish {
+        /// Room name.
+        room: Cow<'a, str>,
+        /// Raw JSON payload.
+        data: &'a RawValue,
+    },
+    /// `POST /api/broadcast`.
+    Broadcast {
+        /// Raw JSON payload.
+        data: &'a RawValue,
+    },
+    /// `POST /api/disconnect`.
+    Disconnect {
+        /// The user whose connections are closed.
+        user: Cow<'a, str>,
+    },
+}
+
+/// Parses the JSON body of the API call named `call` (`send`, `publish`, `broadcast`,
+/// `disconnect`).
+pub fn parse_api<'a>(call: &str, body: &'a [u8]) -> Result<ApiRequest<'a>, ProtoError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ProtoError::new(ErrorCode::BadJson, "body is not UTF-8"))?;
+    let f: Fields<'a> = serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            ProtoError::new(ErrorCode::BadRequest, "the body must be a JSON object")
+        } else {
+            ProtoError::new(ErrorCode::BadJson, format!("invalid JSON: {e}"))
+        }
+    })?;
+    match call {
+        "send" => Ok(ApiRequest::Send {
+            to: field_str(f.to, "to", ErrorCode::BadUser, valid_user)?,
+            data: field_data(f.data)?,
+        }),
+        "publish" => Ok(ApiRequest::Publish {
+            room: field_str(f.room, "room", ErrorCode::BadRoom, valid_room)?,
+            data: field_data(f.data)?,
+        }),
+        "broadcast" => Ok(ApiRequest::Broadcast {
+            data: field_data(f.data)?,
+        }),
+        "disconnect" => Ok(ApiRequest::Disconnect {
+            user: field_str(f.user, "user", ErrorCode::BadUser, valid_user)?,
+        }),
+        other => Err(ProtoError::new(
+            ErrorCode::BadRequest,
+            format!("unknown call {other}"),
         )),
     }
 }

@@ -108,6 +108,7 @@ impl Server {
             mailboxes: senders,
             stats: (0..cores).map(|_| CoreStats::default()).collect(),
             shutdown: AtomicBool::new(false),
+            total_connections: std::sync::atomic::AtomicUsize::new(0),
         });
 
         let core_ids = core_affinity::get_core_ids().unwrap_or_default();

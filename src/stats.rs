@@ -16,6 +16,9 @@ pub struct CoreStats {
     pub connections: AtomicI64,
     /// Users whose directory entry this core owns (gauge).
     pub users: AtomicI64,
+    /// Rooms with at least one member on this core (gauge; a room with members on two cores
+    /// counts on both).
+    pub rooms: AtomicI64,
     /// Connections accepted as WebSockets since start.
     pub connections_total: AtomicU64,
     /// Client messages (text frames) received.
@@ -36,10 +39,49 @@ pub struct CoreStats {
     pub protocol_closes: AtomicU64,
     /// Upgrades refused (bad request, identity, limits).
     pub handshake_failures: AtomicU64,
+    /// Messages refused by `--rate-limit`.
+    pub rate_limited: AtomicU64,
+    /// `join`s refused by `--max-rooms-per-conn`.
+    pub too_many_rooms: AtomicU64,
+    /// Connections closed with 1008 for persistent rate-limit abuse.
+    pub rate_limit_closes: AtomicU64,
+    /// Closes by code: see [`CLOSE_CODES`]; the last slot counts connections that ended
+    /// without a close frame.
+    pub closes: [AtomicU64; CLOSE_CODES.len() + 1],
+    /// Refused upgrades by HTTP status: see [`REFUSAL_STATUSES`]; the last slot is "other".
+    pub refusals: [AtomicU64; REFUSAL_STATUSES.len() + 1],
     /// Cross-core batches sent from this core.
     pub batches_sent: AtomicU64,
     /// Messages carried in those batches.
     pub batched_messages: AtomicU64,
+}
+
+/// Close codes counted one by one (others are counted as `other`).
+pub const CLOSE_CODES: [u16; 10] = [1000, 1001, 1002, 1005, 1007, 1008, 1009, 1011, 1013, 4000];
+/// Upgrade refusal statuses counted one by one.
+pub const REFUSAL_STATUSES: [u16; 7] = [400, 401, 403, 413, 429, 431, 503];
+
+impl CoreStats {
+    /// Counts a connection's end by the close code it had (`None`: no close frame).
+    pub fn count_close(&self, code: Option<u16>) {
+        let slot = match code {
+            Some(c) => CLOSE_CODES
+                .iter()
+                .position(|k| *k == c)
+                .unwrap_or(CLOSE_CODES.len()),
+            None => CLOSE_CODES.len(),
+        };
+        inc(&self.closes[slot]);
+    }
+
+    /// Counts a refused upgrade by status.
+    pub fn count_refusal(&self, status: u16) {
+        let slot = REFUSAL_STATUSES
+            .iter()
+            .position(|k| *k == status)
+            .unwrap_or(REFUSAL_STATUSES.len());
+        inc(&self.refusals[slot]);
+    }
 }
 
 /// Adds one to a counter.
@@ -60,6 +102,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 pub struct Snapshot {
     pub connections: i64,
     pub users: i64,
+    pub rooms: i64,
     pub connections_total: u64,
     pub messages_in: u64,
     pub messages_out: u64,
@@ -70,6 +113,11 @@ pub struct Snapshot {
     pub idle_closes: u64,
     pub protocol_closes: u64,
     pub handshake_failures: u64,
+    pub rate_limited: u64,
+    pub rate_limit_closes: u64,
+    pub too_many_rooms: u64,
+    pub closes: std::collections::BTreeMap<String, u64>,
+    pub refusals: std::collections::BTreeMap<String, u64>,
     pub batches_sent: u64,
     pub batched_messages: u64,
 }
@@ -80,6 +128,7 @@ impl CoreStats {
         Snapshot {
             connections: self.connections.load(Relaxed),
             users: self.users.load(Relaxed),
+            rooms: self.rooms.load(Relaxed),
             connections_total: self.connections_total.load(Relaxed),
             messages_in: self.messages_in.load(Relaxed),
             messages_out: self.messages_out.load(Relaxed),
@@ -90,6 +139,11 @@ impl CoreStats {
             idle_closes: self.idle_closes.load(Relaxed),
             protocol_closes: self.protocol_closes.load(Relaxed),
             handshake_failures: self.handshake_failures.load(Relaxed),
+            rate_limited: self.rate_limited.load(Relaxed),
+            rate_limit_closes: self.rate_limit_closes.load(Relaxed),
+            too_many_rooms: self.too_many_rooms.load(Relaxed),
+            closes: labelled(&CLOSE_CODES, &self.closes, "none"),
+            refusals: labelled(&REFUSAL_STATUSES, &self.refusals, "other"),
             batches_sent: self.batches_sent.load(Relaxed),
             batched_messages: self.batched_messages.load(Relaxed),
         }
@@ -103,6 +157,7 @@ impl Snapshot {
         for s in all {
             t.connections += s.connections;
             t.users += s.users;
+            t.rooms += s.rooms;
             t.connections_total += s.connections_total;
             t.messages_in += s.messages_in;
             t.messages_out += s.messages_out;
@@ -113,11 +168,32 @@ impl Snapshot {
             t.idle_closes += s.idle_closes;
             t.protocol_closes += s.protocol_closes;
             t.handshake_failures += s.handshake_failures;
+            t.rate_limited += s.rate_limited;
+            t.rate_limit_closes += s.rate_limit_closes;
+            t.too_many_rooms += s.too_many_rooms;
+            for (k, v) in &s.closes {
+                *t.closes.entry(k.clone()).or_default() += v;
+            }
+            for (k, v) in &s.refusals {
+                *t.refusals.entry(k.clone()).or_default() += v;
+            }
             t.batches_sent += s.batches_sent;
             t.batched_messages += s.batched_messages;
         }
         t
     }
+}
+
+fn labelled(
+    keys: &[u16],
+    counts: &[AtomicU64],
+    last: &str,
+) -> std::collections::BTreeMap<String, u64> {
+    keys.iter()
+        .map(|k| k.to_string())
+        .chain([last.to_string()])
+        .zip(counts.iter().map(|c| c.load(Relaxed)))
+        .collect()
 }
 
 /// Moves a gauge by `d`.

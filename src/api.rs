@@ -1,0 +1,299 @@
+//! Plain HTTP on the gateway's port: health, Prometheus metrics and the backend API.
+//!
+//! Each call is answered before the next request on the same connection is read, so one
+//! HTTP client's calls are carried out in order (pipelined requests too). A call that routes
+//! across cores answers once every core involved has counted its deliveries.
+
+use std::time::Duration;
+
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use serde_json::json;
+
+use crate::auth;
+use crate::core::{Core, Slot};
+use crate::http::{self, Request};
+use crate::protocol::{self, ApiRequest, ErrorCode};
+use crate::stats::{CoreStats, Snapshot};
+
+/// How long an API call waits for the cores' counts before answering 503.
+const API_WAIT: Duration = Duration::from_secs(10);
+
+/// Answers one plain HTTP request.
+pub(crate) async fn answer(core: &Core, req: &Request, keep_alive: bool) -> Vec<u8> {
+    let get = req.method == "GET" || req.method == "HEAD";
+    let path = req.path.as_str();
+    match path {
+        "/healthz" if get => http::response(200, "text/plain", b"ok", keep_alive, ""),
+        "/metrics" if get => http::response(
+            200,
+            "text/plain; version=0.0.4",
+            metrics(core).as_bytes(),
+            keep_alive,
+            "",
+        ),
+        "/healthz" | "/metrics" => method_not_allowed("GET", keep_alive),
+        _ if path.starts_with("/api/") => api(core, req, keep_alive).await,
+        _ => http::json_error(404, "not_found", "no such path", keep_alive),
+    }
+}
+
+fn method_not_allowed(allowed: &str, keep_alive: bool) -> Vec<u8> {
+    http::json_error(
+        405,
+        "method_not_allowed",
+        &format!("use {allowed}"),
+        keep_alive,
+    )
+}
+
+fn ok_json(body: serde_json::Value, keep_alive: bool) -> Vec<u8> {
+    http::response(
+        200,
+        "application/json",
+        body.to_string().as_bytes(),
+        keep_alive,
+        "",
+    )
+}
+
+fn bad(code: ErrorCode, message: &str, keep_alive: bool) -> Vec<u8> {
+    http::json_error(400, code.as_str(), message, keep_alive)
+}
+
+async fn wait(slot: &Slot) -> Option<u64> {
+    monoio::time::timeout(API_WAIT, slot.wait()).await.ok()
+}
+
+async fn api(core: &Core, req: &Request, keep_alive: bool) -> Vec<u8> {
+    if let Some(key) = &core.config().api_key {
+        if !req.bearer().is_some_and(|t| auth::api_key_matches(t, key)) {
+            return http::response(
+                401,
+                "application/json",
+                br#"{"error":"unauthorized","message":"missing or wrong API key: send Authorization: Bearer <key>"}"#,
+                keep_alive,
+                "WWW-Authenticate: Bearer\r\n",
+            );
+        }
+    }
+    let call = &req.path["/api/".len()..];
+    let (method, call) = (req.method.as_str(), call);
+    if let Some(user) = call.strip_prefix("presence/") {
+        if method != "GET" {
+            return method_not_allowed("GET", keep_alive);
+        }
+        let user = percent_decode(user);
+        if !protocol::valid_user(&user) {
+            return bad(ErrorCode::BadUser, "invalid user id", keep_alive);
+        }
+        let slot = core.api_presence(&user);
+        return match wait(&slot).await {
+            Some(n) => ok_json(json!({"user": user, "connections": n}), keep_alive),
+            None => unavailable(keep_alive),
+        };
+    }
+    match call {
+        "stats" if method == "GET" => {
+            let body = crate::server::stats_json(&core.shared);
+            http::response(200, "application/json", body.as_bytes(), keep_alive, "")
+        }
+        "stats" => method_not_allowed("GET", keep_alive),
+        "send" | "publish" | "broadcast" | "disconnect" if method != "POST" => {
+            method_not_allowed("POST", keep_alive)
+        }
+        "send" | "publish" | "broadcast" | "disconnect" => {
+            let parsed = match protocol::parse_api(call, &req.body) {
+                Ok(p) => p,
+                Err(e) => return bad(e.code, &e.message, keep_alive),
+            };
+            let (slot, field) = match parsed {
+                ApiRequest::Send { to, data } => (
+                    core.api_send(&to, protocol::message(None, None, data)),
+                    "delivered",
+                ),
+                ApiRequest::Publish { room, data } => (
+                    core.api_publish(&room, protocol::message(None, Some(&room), data)),
+                    "delivered",
+                ),
+                ApiRequest::Broadcast { data } => (
+                    core.api_broadcast(protocol::message(None, None, data)),
+                    "delivered",
+                ),
+                ApiRequest::Disconnect { user } => (core.api_disconnect(&user), "closed"),
+            };
+            match wait(&slot).await {
+                Some(n) => ok_json(json!({ field: n }), keep_alive),
+                None => unavailable(keep_alive),
+            }
+        }
+        _ => http::json_error(404, "not_found", "no such API call", keep_alive),
+    }
+}
+
+fn unavailable(keep_alive: bool) -> Vec<u8> {
+    http::json_error(
+        503,
+        "unavailable",
+        "the gateway did not answer in time (shutting down?)",
+        keep_alive,
+    )
+}
+
+fn percent_decode(s: &str) -> String {
+    form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// `GET /metrics`: every counter per core, in the Prometheus text format (0.0.4).
+pub(crate) fn metrics(core: &Core) -> String {
+    let shared = &core.shared;
+    let snaps: Vec<Snapshot> = shared.stats.iter().map(CoreStats::snapshot).collect();
+    let registry = Registry::new();
+    let gauge = |name: &str, help: &str, get: fn(&Snapshot) -> i64| {
+        let g = IntGaugeVec::new(Opts::new(name, help), &["core"]).expect("valid metric");
+        for (i, s) in snaps.iter().enumerate() {
+            g.with_label_values(&[&i.to_string()]).set(get(s));
+        }
+        registry.register(Box::new(g)).expect("unique metric");
+    };
+    gauge("wsgate_connections", "Open WebSocket connections.", |s| {
+        s.connections
+    });
+    gauge(
+        "wsgate_users",
+        "Users with connections (each counted on its owner core).",
+        |s| s.users,
+    );
+    gauge("wsgate_rooms", "Rooms with members on the core.", |s| {
+        s.rooms
+    });
+    let counter = |name: &str, help: &str, get: fn(&Snapshot) -> u64| {
+        let c = IntCounterVec::new(Opts::new(name, help), &["core"]).expect("valid metric");
+        for (i, s) in snaps.iter().enumerate() {
+            c.with_label_values(&[&i.to_string()]).inc_by(get(s));
+        }
+        registry.register(Box::new(c)).expect("unique metric");
+    };
+    counter(
+        "wsgate_connections_accepted_total",
+        "WebSocket connections accepted.",
+        |s| s.connections_total,
+    );
+    counter(
+        "wsgate_messages_in_total",
+        "Client messages received.",
+        |s| s.messages_in,
+    );
+    counter(
+        "wsgate_messages_out_total",
+        "Frames queued to connections.",
+        |s| s.messages_out,
+    );
+    counter(
+        "wsgate_deliveries_total",
+        "Messages handed to recipient connections.",
+        |s| s.deliveries,
+    );
+    counter(
+        "wsgate_bytes_in_total",
+        "Bytes read from WebSocket connections.",
+        |s| s.bytes_in,
+    );
+    counter(
+        "wsgate_bytes_out_total",
+        "Bytes written to WebSocket connections.",
+        |s| s.bytes_out,
+    );
+    counter(
+        "wsgate_slow_consumer_closes_total",
+        "Connections closed with 1013 for a full queue.",
+        |s| s.slow_consumer_closes,
+    );
+    counter(
+        "wsgate_idle_closes_total",
+        "Connections closed with 4000 for idleness.",
+        |s| s.idle_closes,
+    );
+    counter(
+        "wsgate_protocol_closes_total",
+        "Connections closed for protocol errors (1002, 1007, 1009).",
+        |s| s.protocol_closes,
+    );
+    counter(
+        "wsgate_rate_limited_total",
+        "Messages refused by the rate limit.",
+        |s| s.rate_limited,
+    );
+    counter(
+        "wsgate_rate_limit_closes_total",
+        "Connections closed with 1008 for rate abuse.",
+        |s| s.rate_limit_closes,
+    );
+    counter(
+        "wsgate_too_many_rooms_total",
+        "Joins refused by the per-connection room limit.",
+        |s| s.too_many_rooms,
+    );
+    counter(
+        "wsgate_crosscore_batches_total",
+        "Cross-core batches sent.",
+        |s| s.batches_sent,
+    );
+    counter(
+        "wsgate_crosscore_batched_messages_total",
+        "Messages carried in cross-core batches (divide by batches for the mean batch size).",
+        |s| s.batched_messages,
+    );
+    let labelled =
+        |name: &str,
+         help: &str,
+         label: &str,
+         get: fn(&Snapshot) -> &std::collections::BTreeMap<String, u64>| {
+            let c =
+                IntCounterVec::new(Opts::new(name, help), &["core", label]).expect("valid metric");
+            for (i, s) in snaps.iter().enumerate() {
+                for (k, v) in get(s) {
+                    c.with_label_values(&[&i.to_string(), k.as_str()])
+                        .inc_by(*v);
+                }
+            }
+            registry.register(Box::new(c)).expect("unique metric");
+        };
+    labelled(
+        "wsgate_closes_total",
+        "Connections ended, by the close code sent (none: no close frame).",
+        "code",
+        |s| &s.closes,
+    );
+    labelled(
+        "wsgate_handshake_failures_total",
+        "Refused upgrades, by HTTP status.",
+        "status",
+        |s| &s.refusals,
+    );
+    let limits = IntGaugeVec::new(
+        Opts::new("wsgate_limit", "Configured limits (0 = off)."),
+        &["name"],
+    )
+    .expect("valid metric");
+    let c = core.config();
+    for (name, v) in [
+        ("max_connections", c.max_connections as i64),
+        (
+            "max_connections_per_user",
+            c.max_connections_per_user as i64,
+        ),
+        ("max_rooms_per_conn", c.max_rooms_per_conn as i64),
+        ("max_message_size", c.max_message_size as i64),
+        ("max_queued_bytes", c.max_queued_bytes as i64),
+        ("rate_limit", c.rate_limit as i64),
+    ] {
+        limits.with_label_values(&[name]).set(v);
+    }
+    registry.register(Box::new(limits)).expect("unique metric");
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&registry.gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
