@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::Gateway;
+use common::{http, send_acked, Gateway};
 
 #[test]
 fn python_websockets_client_speaks_the_protocol() {
@@ -34,4 +34,53 @@ fn python_websockets_client_speaks_the_protocol() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("protocol check: ok"), "{stdout}");
+}
+
+#[test]
+fn metrics_parse_with_the_reference_prometheus_parser() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let setup = Command::new("bash")
+        .arg(format!("{root}/scripts/setup-python.sh"))
+        .output()
+        .expect("run scripts/setup-python.sh");
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let venv = String::from_utf8(setup.stdout).unwrap().trim().to_string();
+
+    let gw = Gateway::start(&[]);
+    let mut a = gw.connect("a");
+    let _b = gw.connect("b");
+    for i in 0..5 {
+        send_acked(&mut a, "b", serde_json::json!(i), i);
+    }
+    assert_eq!(
+        http(
+            gw.addr,
+            "GET",
+            "/ws",
+            None,
+            &[
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Version", "13"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ]
+        )
+        .0,
+        401
+    );
+    let out = Command::new(format!("{venv}/bin/python"))
+        .arg(format!("{root}/tests/python/metrics_check.py"))
+        .arg(gw.addr.to_string())
+        .output()
+        .expect("run the metrics check");
+    assert!(
+        out.status.success(),
+        "metrics check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -103,8 +103,9 @@ pub fn http(
         req.push_str("\r\n");
     }
     s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let out = String::from_utf8_lossy(&raw).into_owned();
     let status = out
         .split_whitespace()
         .nth(1)

@@ -58,6 +58,17 @@ async def main():
     await a.send(json.dumps({"type": "send", "to": "py-b", "id": 7, "data": [1]}))
     assert (await recv_json(a))["delivered"] == 2
 
+    # rooms: join acks carry no `delivered`; publish reaches members with `room` set
+    assert (await recv_json(b1))["data"] == [1]  # the id-7 send above
+    await b1.send(json.dumps({"type": "join", "room": "py-room", "id": "j"}))
+    assert await recv_json(b1) == {"type": "ack", "id": "j"}
+    await a.send(json.dumps({"type": "publish", "room": "py-room", "id": 8, "data": {"x": 1}}))
+    assert await recv_json(a) == {"type": "ack", "id": 8, "delivered": 1}
+    msg = await recv_json(b1)
+    assert msg == {"type": "message", "from": "py-a", "room": "py-room", "data": {"x": 1}}, msg
+    await b1.send(json.dumps({"type": "leave", "room": "py-room", "id": 9}))
+    assert await recv_json(b1) == {"type": "ack", "id": 9}
+
     # the client's close handshake is answered with the same code
     await b2.close(code=1000)
     assert b2.close_code == 1000, b2.close_code

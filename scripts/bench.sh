@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Measures wsgate against its peers and writes BENCHMARKS.md (plus raw JSON and SVG charts in
+# bench-results/latest/).
+#
+#   scripts/bench.sh            full run: 3 rounds, 10 s measured + 2 s warm-up each (~12 min)
+#   scripts/bench.sh --quick    1 round, 3 s + 1 s, 2,000 idle connections (under 2 min)
+#   options: --no-build (use the binaries already in target/release and
+#            benches/peers/target/release), --rounds N, --duration 10s, --warmup 2s
+#   env:     BENCH_THREADS (load generator threads, default 1: on 2 cores a second thread
+#            lowers every server's throughput), BENCH_WORKERS (server threads, default: number
+#            of CPUs), BENCH_WSGATE_ARGS (extra wsgate flags, e.g. "--driver epoll"),
+#            CARGO_TARGET_DIR (honoured for the main crate)
+#
+# 1. Peer comparison: wsgate-bench `echo` (closed loop, one message in flight per connection)
+#    at 100 conns x 20 B, 100 x 1 KiB and 500 x 16 KiB against wsgate's /echo,
+#    fastwebsockets, tokio-tungstenite and a raw-TCP ceiling (benches/peers), alternating
+#    A B C D per load and round, each server started fresh on port 0 and stopped after its run.
+#    CPU time of the server (/proc/PID/stat) and of the load generator (wait4 rusage) is
+#    recorded for every run.
+# 2. Gateway scenarios, once each on a fresh gateway: connect, idle (RSS per connection),
+#    direct (user-to-user messages).
+# Everything targets 127.0.0.1 only, every run is bounded by a timeout, and the trap stops
+# whatever this script started.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+quick=0
+build=1
+rounds=3
+duration=10s
+warmup=2s
+idle_conns=19000
+connect_conns=5000
+direct_conns=1000
+args_seen=("$@")
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1; rounds=1; duration=3s; warmup=1s; idle_conns=2000 ;;
+    --no-build) build=0 ;;
+    --rounds) rounds=$2; shift ;;
+    --duration) duration=$2; shift ;;
+    --warmup) warmup=$2; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+threads=${BENCH_THREADS:-1}
+workers=${BENCH_WORKERS:-$(nproc)}
+secs() { case "$1" in *ms) echo 1 ;; *s) echo "${1%s}" ;; *) echo "$1" ;; esac; }
+run_limit=$(( $(secs "$duration") + $(secs "$warmup") + 60 ))
+
+out=bench-results/latest
+report=scripts/bench_report.py
+tmp=$(mktemp -d)
+srv_pid=
+run_pid=
+
+cleanup() {
+  local p
+  for p in $run_pid $srv_pid; do
+    kill -TERM "$p" 2>/dev/null || true
+  done
+  for p in $run_pid $srv_pid; do
+    for _ in $(seq 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'echo "interrupted" >&2; exit 130' INT TERM
+
+started=$(date +%s)
+if [ "$build" = 1 ]; then
+  echo "== build (release): wsgate, wsgate-bench, peers" >&2
+  cargo build --release --bins
+  (cd benches/peers && cargo build --release)
+fi
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+# Private copies, so a rebuild elsewhere cannot swap a binary in the middle of the run.
+bin=$tmp/bin
+mkdir -p "$bin"
+for f in "$target_dir/release/wsgate" "$target_dir/release/wsgate-bench" \
+  benches/peers/target/release/peer-fastwebsockets \
+  benches/peers/target/release/peer-tokio-tungstenite \
+  benches/peers/target/release/peer-raw-tcp; do
+  [ -x "$f" ] || { echo "missing $f (run without --no-build)" >&2; exit 1; }
+  cp "$f" "$bin/"
+done
+
+rm -rf "$out"
+mkdir -p "$out/runs" "$out/logs"
+
+# User and system CPU ticks of a live process ("0 0" once it is gone).
+cpu_ticks() {
+  local line rest
+  read -r line <"/proc/$1/stat" 2>/dev/null || { echo "0 0"; return; }
+  rest=${line##*) }
+  # shellcheck disable=SC2086
+  set -- $rest
+  echo "${12} ${13}"
+}
+
+# start_server NAME [extra args]: sets srv_pid and srv_addr.
+start_server() {
+  local name=$1
+  shift
+  local cmd
+  case "$name" in
+    # shellcheck disable=SC2086
+    wsgate) cmd=("$bin/wsgate" --listen 127.0.0.1:0 --workers "$workers" --echo-path /echo
+                 --log warn --shutdown-timeout 2s ${BENCH_WSGATE_ARGS:-} "$@") ;;
+    fastwebsockets) cmd=("$bin/peer-fastwebsockets" --threads "$workers") ;;
+    tokio-tungstenite) cmd=("$bin/peer-tokio-tungstenite" --threads "$workers") ;;
+    raw-tcp) cmd=("$bin/peer-raw-tcp" --threads "$workers") ;;
+    *) echo "unknown server $name" >&2; exit 1 ;;
+  esac
+  "${cmd[@]}" >"$tmp/srv.out" 2>"$tmp/srv.err" &
+  srv_pid=$!
+  srv_addr=
+  for _ in $(seq 200); do
+    srv_addr=$(sed -n '1s/^listening on //p' "$tmp/srv.out")
+    [ -n "$srv_addr" ] && break
+    kill -0 "$srv_pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  if [ -z "$srv_addr" ]; then
+    echo "$name did not start:" >&2
+    cat "$tmp/srv.out" "$tmp/srv.err" >&2
+    exit 1
+  fi
+  case "$srv_addr" in 127.0.0.1:*) ;; *) echo "$name listens on $srv_addr, not loopback" >&2; exit 1 ;; esac
+  if [ "$name" = wsgate ] && [ ! -f "$out/wsgate-driver.txt" ]; then
+    # `--driver auto` picks io_uring where the kernel allows it: count the rings.
+    local rings
+    rings=$(ls -l "/proc/$srv_pid/fd" 2>/dev/null | grep -c io_uring || true)
+    if [ "${rings:-0}" -gt 0 ]; then echo "io_uring ($rings rings)"; else echo "epoll"; fi \
+      >"$out/wsgate-driver.txt"
+  fi
+}
+
+stop_server() {
+  kill -TERM "$srv_pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$srv_pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$srv_pid" 2>/dev/null || true
+  wait "$srv_pid" 2>/dev/null || true
+  srv_pid=
+}
+
+# measure NAME KIND SERVER LOAD ROUND -- wsgate-bench args...
+# Runs the load generator against the running server, then stores one JSON record.
+measure() {
+  local name=$1 kind=$2 server=$3 load=$4 round=$5
+  shift 6
+  local u0 s0 u1 s1 rc=0
+  read -r u0 s0 <<<"$(cpu_ticks "$srv_pid")"
+  python3 "$report" run --rusage "$tmp/rusage" --timeout "$run_limit" -- \
+    "$bin/wsgate-bench" "$@" >"$tmp/bench.json" 2>"$out/logs/$name.log" &
+  run_pid=$!
+  wait "$run_pid" || rc=$?
+  run_pid=
+  read -r u1 s1 <<<"$(cpu_ticks "$srv_pid")"
+  if ! kill -0 "$srv_pid" 2>/dev/null; then
+    echo "   $server died during $name" >&2
+    [ "$rc" != 0 ] || rc=97
+  fi
+  [ "$rc" = 0 ] || { echo "   wsgate-bench exited $rc (log: $out/logs/$name.log)" >&2; tail -3 "$out/logs/$name.log" >&2; }
+  python3 "$report" record --out "$out/runs/$name.json" --kind "$kind" --server "$server" \
+    --load "$load" --round "$round" --bench-json "$tmp/bench.json" --exit-code "$rc" \
+    --server-user-ticks $((u1 - u0)) --server-sys-ticks $((s1 - s0)) --clk-tck "$(getconf CLK_TCK)" --rusage "$tmp/rusage" \
+    --server-stderr "$tmp/srv.err" --argv "$*"
+}
+
+servers=(wsgate fastwebsockets tokio-tungstenite raw-tcp)
+loads=("100:20" "100:1024" "500:16384")
+n_echo=$(( rounds * ${#loads[@]} * ${#servers[@]} ))
+i=0
+echo "== echo: ${#servers[@]} servers x ${#loads[@]} loads x $rounds rounds, $warmup + $duration each" >&2
+for round in $(seq "$rounds"); do
+  for load in "${loads[@]}"; do
+    conns=${load%%:*}
+    size=${load##*:}
+    for server in "${servers[@]}"; do
+      i=$((i + 1))
+      extra=()
+      # wsgate's defaults (64 KiB messages, 1 MiB backlog) are for a push gateway; the
+      # 16 KiB x 500 load gets room to breathe. The peers have no such limits.
+      if [ "$server" = wsgate ] && [ "$size" -ge 16384 ]; then
+        extra=(--max-message-size 1048576 --max-queued-bytes 67108864)
+      fi
+      start_server "$server" ${extra[@]+"${extra[@]}"}
+      name="echo-${conns}x${size}-${server}-r${round}"
+      echo "   [$i/$n_echo] $name" >&2
+      measure "$name" echo "$server" "${conns}x${size}" "$round" -- echo \
+        --target "$srv_addr" --path /echo --connections "$conns" --size "$size" \
+        --duration "$duration" --warmup "$warmup" --threads "$threads"
+      stop_server
+    done
+  done
+done
+
+echo "== gateway scenarios" >&2
+start_server wsgate
+echo "   connect: $connect_conns connections" >&2
+measure scenario-connect connect wsgate "$connect_conns" 1 -- connect \
+  --target "$srv_addr" --connections "$connect_conns" --gateway-pid "$srv_pid" \
+  --duration 1s --warmup 0s --threads "$threads"
+stop_server
+
+start_server wsgate
+echo "   idle: $idle_conns connections (2 processes, 2 source addresses)" >&2
+measure scenario-idle idle wsgate "$idle_conns" 1 -- idle \
+  --target "$srv_addr" --connections "$idle_conns" --processes 2 --source-addrs 2 \
+  --gateway-pid "$srv_pid" --duration "$duration" --warmup "$warmup"
+stop_server
+
+start_server wsgate
+echo "   direct: $direct_conns connections, window 8" >&2
+measure scenario-direct direct wsgate "$direct_conns" 1 -- direct \
+  --target "$srv_addr" --connections "$direct_conns" --window 8 \
+  --duration "$duration" --warmup "$warmup" --threads "$threads"
+stop_server
+
+elapsed=$(( $(date +%s) - started ))
+cmd="scripts/bench.sh${args_seen[*]+ ${args_seen[*]}}"
+python3 "$report" report --dir "$out" --md BENCHMARKS.md --mode "$([ $quick = 1 ] && echo quick || echo full)" \
+  --command "$cmd" --built "$build" --wsgate-args "${BENCH_WSGATE_ARGS:-}" --elapsed "$elapsed" --rounds "$rounds" --duration "$duration" \
+  --warmup "$warmup" --threads "$threads" --workers "$workers"
+echo "== done in ${elapsed}s: BENCHMARKS.md, $out/" >&2

@@ -1,0 +1,688 @@
+#!/usr/bin/env python3
+"""scripts/bench.sh's helper (python3, standard library only).
+
+  run     run a command with a timeout; write its CPU time (wait4 rusage: user, system) and
+          wall time; forward SIGINT/SIGTERM to it
+  record  merge one wsgate-bench JSON result with the CPU times into runs/NAME.json
+  report  medians, ratios, CPU cost, scenarios -> BENCHMARKS.md, plus SVG charts
+"""
+
+import argparse
+import datetime
+import glob
+import html
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+SERVERS = ["wsgate", "fastwebsockets", "tokio-tungstenite", "raw-tcp"]
+LABELS = {
+    "wsgate": "wsgate",
+    "fastwebsockets": "fastwebsockets",
+    "tokio-tungstenite": "tokio-tungstenite",
+    "raw-tcp": "raw TCP (ceiling)",
+}
+COLORS = {
+    "wsgate": "#d62728",
+    "fastwebsockets": "#1f77b4",
+    "tokio-tungstenite": "#2ca02c",
+    "raw-tcp": "#7f7f7f",
+}
+LOADS = ["100x20", "100x1024", "500x16384"]
+
+
+def load_label(load):
+    conns, size = load.split("x")
+    size = int(size)
+    s = f"{size // 1024} KiB" if size >= 1024 and size % 1024 == 0 else f"{size} B"
+    return f"{conns} conns × {s}"
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+def cmd_run(a):
+    cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd)
+    reaped = threading.Event()
+
+    def send(sig):
+        if not reaped.is_set():
+            try:
+                os.kill(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def forward(signum, _frame):
+        send(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+
+    def expire():
+        if reaped.wait(a.timeout):
+            return
+        print(f"timeout after {a.timeout}s: stopping {cmd[0]}", file=sys.stderr)
+        send(signal.SIGTERM)
+        if not reaped.wait(5):
+            send(signal.SIGKILL)
+
+    threading.Thread(target=expire, daemon=True).start()
+    _, status, ru = os.wait4(p.pid, 0)
+    reaped.set()
+    wall = time.monotonic() - t0
+    with open(a.rusage, "w") as f:
+        f.write(f"{ru.ru_utime:.3f} {ru.ru_stime:.3f} {wall:.3f}\n")
+    code = os.waitstatus_to_exitcode(status)
+    sys.exit(code if code >= 0 else 128 - code)
+
+
+# ------------------------------------------------------------------------------- record
+
+
+def tail(path, n=5):
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        return lines[-n:]
+    except OSError:
+        return []
+
+
+def cmd_record(a):
+    try:
+        with open(a.bench_json) as f:
+            text = f.read().strip().splitlines()
+        result = json.loads(text[-1]) if text else None
+    except (OSError, ValueError):
+        result = None
+    try:
+        with open(a.rusage) as f:
+            user, sys_, wall = (float(x) for x in f.read().split())
+    except (OSError, ValueError):
+        user = sys_ = wall = None
+    rec = {
+        "kind": a.kind,
+        "server": a.server,
+        "load": a.load,
+        "round": a.round,
+        "argv": a.argv,
+        "exit_code": a.exit_code,
+        "server_cpu_secs": a.server_cpu_ticks / a.clk_tck,
+        "bench_cpu_secs": None if user is None else round(user + sys_, 3),
+        "bench_user_secs": user,
+        "bench_sys_secs": sys_,
+        "wall_secs": wall,
+        "server_stderr_tail": tail(a.server_stderr),
+        "result": result,
+    }
+    with open(a.out, "w") as f:
+        json.dump(rec, f, indent=1, sort_keys=True)
+        f.write("\n")
+    if result is None:
+        print(f"   no result for {a.out}", file=sys.stderr)
+    else:
+        lat = result.get("latency") or {}
+        print(
+            f"   -> {result.get('msgs_per_sec', 0):,.0f} msg/s, p50 {lat.get('p50_us')} µs, "
+            f"p99 {lat.get('p99_us')} µs, connected {result.get('connected')}, "
+            f"failed {result.get('failed')}; CPU server {rec['server_cpu_secs']:.2f}s, "
+            f"bench {rec['bench_cpu_secs']}s",
+            file=sys.stderr,
+        )
+
+
+# ------------------------------------------------------------------------------- report
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt_int(x):
+    return "–" if x is None else f"{x:,.0f}"
+
+
+def fmt(x, nd=1):
+    return "–" if x is None else f"{x:,.{nd}f}"
+
+
+def fmt_ratio(x):
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def machine():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) / 1024 / 1024
+    except OSError:
+        pass
+
+    def out(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    head = out(["git", "rev-parse", "--short", "HEAD"])
+    dirty = out(["git", "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"])
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "mem_gib": mem,
+        "kernel": platform.release(),
+        "rustc": out(["rustc", "--version"]),
+        "git": head + (" (with uncommitted changes under src/ or Cargo.*)" if dirty else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def peer_versions():
+    """Versions from benches/peers/Cargo.lock, when it is there."""
+    want = {"fastwebsockets", "tokio-tungstenite", "tungstenite", "tokio", "hyper"}
+    found = {}
+    try:
+        with open("benches/peers/Cargo.lock") as f:
+            name = None
+            for line in f:
+                if line.startswith("name = "):
+                    name = line.split('"')[1]
+                elif line.startswith("version = ") and name in want:
+                    found[name] = line.split('"')[1]
+    except OSError:
+        pass
+    return found
+
+
+def load_runs(d):
+    runs = []
+    for p in sorted(glob.glob(os.path.join(d, "runs", "*.json"))):
+        with open(p) as f:
+            r = json.load(f)
+        r["_file"] = os.path.relpath(p)
+        runs.append(r)
+    return runs
+
+
+def lat(r, key, q):
+    v = ((r.get("result") or {}).get(key)) or {}
+    return v.get(q)
+
+
+def summarize_echo(runs):
+    """{(load, server): summary} with medians over rounds."""
+    out = {}
+    for load in LOADS:
+        for server in SERVERS:
+            rs = [r for r in runs if r["kind"] == "echo" and r["load"] == load and r["server"] == server]
+            if not rs:
+                continue
+            ok = [r for r in rs if r.get("result")]
+            res = [r["result"] for r in ok]
+            per_msg_srv, per_msg_bench, srv_cores, bench_cores = [], [], [], []
+            for r in ok:
+                n = r["result"].get("received") or 0
+                wall = r.get("wall_secs") or 0
+                if n:
+                    per_msg_srv.append(r["server_cpu_secs"] / n * 1e6)
+                    if r.get("bench_cpu_secs") is not None:
+                        per_msg_bench.append(r["bench_cpu_secs"] / n * 1e6)
+                if wall:
+                    srv_cores.append(r["server_cpu_secs"] / wall)
+                    if r.get("bench_cpu_secs") is not None:
+                        bench_cores.append(r["bench_cpu_secs"] / wall)
+            mps = [x.get("msgs_per_sec") for x in res]
+            out[(load, server)] = {
+                "runs": len(rs),
+                "ok_runs": len(ok),
+                "bad_exit": sum(1 for r in rs if r.get("exit_code") not in (0, "0")),
+                "msgs_per_sec": med(mps),
+                "msgs_min": min(mps) if mps else None,
+                "msgs_max": max(mps) if mps else None,
+                "mbytes_per_sec": med([x.get("mbytes_per_sec") for x in res]),
+                "p50_us": med([lat(r, "latency", "p50_us") for r in ok]),
+                "p99_us": med([lat(r, "latency", "p99_us") for r in ok]),
+                "p999_us": med([lat(r, "latency", "p999_us") for r in ok]),
+                "connected": min((x.get("connected") or 0) for x in res) if res else 0,
+                "failed": sum((x.get("failed") or 0) for x in res),
+                "srv_us_per_msg": med(per_msg_srv),
+                "bench_us_per_msg": med(per_msg_bench),
+                "srv_cores": med(srv_cores),
+                "bench_cores": med(bench_cores),
+                "stderr": sorted({line for r in rs for line in r.get("server_stderr_tail") or []}),
+            }
+    return out
+
+
+# ---- SVG (hand-written) ---------------------------------------------------------------
+
+
+def nice_max(v):
+    if v <= 0:
+        return 1
+    e = 10 ** math.floor(math.log10(v))
+    for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
+        if v <= m * e:
+            return m * e
+    return 10 * e
+
+
+def short(v):
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 1e3:
+        return f"{v / 1e3:.0f}k" if v >= 1e4 else f"{v / 1e3:.1f}k"
+    return f"{v:.0f}"
+
+
+def svg_doc(w, h, body, title):
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+        f'font-family="Helvetica, Arial, sans-serif" font-size="12">\n'
+        f'<rect width="{w}" height="{h}" fill="white"/>\n'
+        f'<text x="{w / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">'
+        f"{html.escape(title)}</text>\n" + "\n".join(body) + "\n</svg>\n"
+    )
+
+
+def legend(body, items, x, y):
+    for i, (label, color) in enumerate(items):
+        xx = x + i * 150
+        body.append(f'<rect x="{xx}" y="{y - 10}" width="12" height="12" fill="{color}"/>')
+        body.append(f'<text x="{xx + 17}" y="{y}">{html.escape(label)}</text>')
+
+
+def chart_throughput(summary, path):
+    pw, ph, left, top, gap = 250, 260, 60, 60, 30
+    loads = [l for l in LOADS if any((l, s) in summary for s in SERVERS)]
+    w = left + len(loads) * (pw + gap)
+    h = top + ph + 90
+    body = []
+    for i, load in enumerate(loads):
+        x0 = left + i * (pw + gap)
+        vals = [summary.get((load, s), {}) for s in SERVERS]
+        vmax = nice_max(max([(v.get("msgs_max") or 0) for v in vals] + [1]))
+        body.append(f'<text x="{x0 + pw / 2}" y="{top - 14}" text-anchor="middle" font-weight="bold">'
+                    f"{html.escape(load_label(load))}</text>")
+        for k in range(6):
+            y = top + ph - ph * k / 5
+            body.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + pw}" y2="{y:.1f}" stroke="#ddd"/>')
+            body.append(f'<text x="{x0 - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="10">'
+                        f"{short(vmax * k / 5)}</text>")
+        bw = pw / len(SERVERS) * 0.7
+        for j, (s, v) in enumerate(zip(SERVERS, vals)):
+            m = v.get("msgs_per_sec")
+            if m is None:
+                continue
+            bx = x0 + pw / len(SERVERS) * (j + 0.15)
+            bh = ph * m / vmax
+            body.append(f'<rect x="{bx:.1f}" y="{top + ph - bh:.1f}" width="{bw:.1f}" height="{bh:.1f}" '
+                        f'fill="{COLORS[s]}"><title>{LABELS[s]}: {m:,.0f} msg/s</title></rect>')
+            lo, hi = v.get("msgs_min"), v.get("msgs_max")
+            if v.get("ok_runs", 0) > 1 and lo is not None and hi is not None and hi > lo:
+                cx = bx + bw / 2
+                y1, y2 = top + ph - ph * lo / vmax, top + ph - ph * hi / vmax
+                body.append(f'<line x1="{cx:.1f}" y1="{y1:.1f}" x2="{cx:.1f}" y2="{y2:.1f}" stroke="black"/>')
+                for yy in (y1, y2):
+                    body.append(f'<line x1="{cx - 4:.1f}" y1="{yy:.1f}" x2="{cx + 4:.1f}" y2="{yy:.1f}" stroke="black"/>')
+            body.append(f'<text x="{bx + bw / 2:.1f}" y="{top + ph - bh - 5:.1f}" text-anchor="middle" '
+                        f'font-size="10">{short(m)}</text>')
+        body.append(f'<line x1="{x0}" y1="{top + ph}" x2="{x0 + pw}" y2="{top + ph}" stroke="black"/>')
+    body.append(f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" '
+                f'text-anchor="middle">messages / s (echoed)</text>')
+    legend(body, [(LABELS[s], COLORS[s]) for s in SERVERS], left, top + ph + 40)
+    body.append(f'<text x="{left}" y="{top + ph + 70}" font-size="10" fill="#555">Median over rounds; '
+                f"whiskers: min–max. Closed loop, one message in flight per connection.</text>")
+    with open(path, "w") as f:
+        f.write(svg_doc(w, h, body, "Echo throughput (higher is better)"))
+
+
+def chart_latency(summary, path):
+    pw, ph, left, top, gap = 250, 260, 70, 60, 30
+    loads = [l for l in LOADS if any((l, s) in summary for s in SERVERS)]
+    w = left + len(loads) * (pw + gap)
+    h = top + ph + 90
+    qs = [("p50_us", "p50", 1.0), ("p99_us", "p99", 0.65), ("p999_us", "p99.9", 0.35)]
+    vals_all = [v.get(q) for v in summary.values() for q, _, _ in qs if v.get(q)]
+    lo = 10 ** math.floor(math.log10(min(vals_all))) if vals_all else 1
+    hi = 10 ** math.ceil(math.log10(max(vals_all))) if vals_all else 10
+    if hi <= lo:
+        hi = lo * 10
+    span = math.log10(hi) - math.log10(lo)
+
+    def y_of(v):
+        return top + ph - ph * (math.log10(v) - math.log10(lo)) / span
+
+    def us(v):
+        return f"{v / 1000:g} ms" if v >= 1000 else f"{v:g} µs"
+
+    body = []
+    for i, load in enumerate(loads):
+        x0 = left + i * (pw + gap)
+        body.append(f'<text x="{x0 + pw / 2}" y="{top - 14}" text-anchor="middle" font-weight="bold">'
+                    f"{html.escape(load_label(load))}</text>")
+        d = lo
+        while d <= hi * 1.0001:
+            y = y_of(d)
+            body.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + pw}" y2="{y:.1f}" stroke="#ccc"/>')
+            body.append(f'<text x="{x0 - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="10">{us(d)}</text>')
+            for m in (2, 5):
+                if d * m < hi:
+                    ym = y_of(d * m)
+                    body.append(f'<line x1="{x0}" y1="{ym:.1f}" x2="{x0 + pw}" y2="{ym:.1f}" stroke="#eee"/>')
+            d *= 10
+        slot = pw / len(SERVERS)
+        bw = slot * 0.8 / len(qs)
+        for j, s in enumerate(SERVERS):
+            v = summary.get((load, s))
+            if not v:
+                continue
+            for k, (q, qname, op) in enumerate(qs):
+                val = v.get(q)
+                if not val:
+                    continue
+                bx = x0 + slot * j + slot * 0.1 + bw * k
+                y = y_of(max(val, lo))
+                body.append(f'<rect x="{bx:.1f}" y="{y:.1f}" width="{bw:.1f}" height="{top + ph - y:.1f}" '
+                            f'fill="{COLORS[s]}" fill-opacity="{op}"><title>{LABELS[s]} {qname}: '
+                            f"{val:,.1f} µs</title></rect>")
+        body.append(f'<line x1="{x0}" y1="{top + ph}" x2="{x0 + pw}" y2="{top + ph}" stroke="black"/>')
+    body.append(f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" '
+                f'text-anchor="middle">round-trip latency (log scale)</text>')
+    legend(body, [(LABELS[s], COLORS[s]) for s in SERVERS], left, top + ph + 40)
+    body.append(f'<text x="{left}" y="{top + ph + 70}" font-size="10" fill="#555">Per server, three bars: '
+                f"p50 (solid), p99, p99.9 (lighter). Medians over rounds.</text>")
+    with open(path, "w") as f:
+        f.write(svg_doc(w, h, body, "Echo latency percentiles (lower is better)"))
+
+
+# ---- markdown ------------------------------------------------------------------------
+
+
+def cmd_report(a):
+    runs = load_runs(a.dir)
+    summary = summarize_echo(runs)
+    m = machine()
+    vers = peer_versions()
+    driver = ""
+    try:
+        with open(os.path.join(a.dir, "wsgate-driver.txt")) as f:
+            driver = f.read().strip()
+    except OSError:
+        pass
+    chart_throughput(summary, os.path.join(a.dir, "throughput.svg"))
+    chart_latency(summary, os.path.join(a.dir, "latency.svg"))
+    rel = os.path.relpath(a.dir, os.path.dirname(os.path.abspath(a.md)) or ".")
+
+    L = []
+    w = L.append
+    w("# Benchmarks")
+    w("")
+    w(f"_Generated by `scripts/bench.sh` ({a.mode} mode) on {m['date']}; do not edit by hand, "
+      f"re-run the script. Raw results: [`{rel}/runs/`]({rel}/runs/)._")
+    if a.mode == "quick":
+        w("")
+        w("> **Quick mode**: one round of 3 s per run and 2,000 idle connections. A smoke test "
+          "of the harness, not numbers to quote; `scripts/bench.sh` (full mode) gives 3 rounds "
+          "of 10 s and ~19,000 idle connections.")
+    w("")
+    w("## Machine")
+    w("")
+    mem = "" if m["mem_gib"] is None else f", {m['mem_gib']:.0f} GiB RAM"
+    w(f"- CPU: {m['cpu']}, {m['cores']} cores{mem}")
+    w(f"- Kernel: Linux {m['kernel']}")
+    w(f"- Toolchain: {m['rustc'] or 'unknown'}; wsgate at `{m['git'] or 'unknown'}`")
+    w(f"- Date: {m['date']}; run took {a.elapsed} s")
+    w("")
+    w("Everything ran on 127.0.0.1: the load generator and the server share the same "
+      f"{m['cores']} cores, so every number is a property of the pair on this machine, not of "
+      "the server alone. Treat differences under ~10% as noise unless they repeat.")
+    w("")
+    w("## Method")
+    w("")
+    w(f"- Load generator: `wsgate-bench echo`, closed loop, one message in flight per connection, "
+      f"{a.threads} thread(s), masked text frames (zero key), {a.warmup} warm-up then {a.duration} "
+      f"measured; {a.rounds} round(s), servers alternating A B C D within each load, each server "
+      "started fresh on port 0 for its run and stopped after it. Tables show the median over rounds.")
+    w(f"- Servers, {a.workers} threads each:")
+    w(f"  - **wsgate**: its `/echo` endpoint (`--workers {a.workers} --echo-path /echo`), "
+      f"I/O driver: {driver or 'auto'}. For the 16 KiB load: `--max-message-size 1048576 "
+      "--max-queued-bytes 67108864`.")
+    w(f"  - **fastwebsockets** {vers.get('fastwebsockets', '')} with hyper {vers.get('hyper', '')} "
+      "upgrades (`benches/peers/src/bin/peer-fastwebsockets.rs`, shaped like its own "
+      "echo_server example; auto_close, auto_pong, writev on).")
+    w(f"  - **tokio-tungstenite** {vers.get('tokio-tungstenite', '')} (tungstenite "
+      f"{vers.get('tungstenite', '')}), feeding every ready message then flushing once "
+      "(`benches/peers/src/bin/peer-tokio-tungstenite.rs`).")
+    w("  - **raw TCP**: read into a 64 KiB buffer and write it back, after a minimal 101 answer; "
+      "it only clears the MASK bit and drops the 4 key bytes per frame "
+      "(`benches/peers/src/bin/peer-raw-tcp.rs`). The ceiling: no WebSocket work at all.")
+    w(f"  - Peers run on a multi-thread tokio {vers.get('tokio', '')} runtime with one worker "
+      "per CPU and the system allocator (wsgate links mimalloc).")
+    w("- CPU time: the server's from `/proc/PID/stat` (utime+stime) just before and after the "
+      "load generator runs; the load generator's from `wait4` rusage. Both cover the whole run "
+      "(connects, warm-up, measurement), and are divided by all messages echoed in it.")
+    w("")
+
+    w("## Echo: throughput and latency")
+    w("")
+    w("| Load | Server | msgs/s | MB/s | p50 µs | p99 µs | p99.9 µs | connected | failed |")
+    w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for load in LOADS:
+        for s in SERVERS:
+            v = summary.get((load, s))
+            if not v:
+                continue
+            name = f"**{LABELS[s]}**" if s == "wsgate" else LABELS[s]
+            w(f"| {load_label(load)} | {name} | {fmt_int(v['msgs_per_sec'])} | "
+              f"{fmt(v['mbytes_per_sec'], 2)} | {fmt(v['p50_us'])} | {fmt(v['p99_us'])} | "
+              f"{fmt(v['p999_us'])} | {v['connected']} | {v['failed']} |")
+    w("")
+    w(f"![Echo throughput]({rel}/throughput.svg)")
+    w("")
+    w(f"![Echo latency percentiles]({rel}/latency.svg)")
+    w("")
+
+    w("### wsgate relative to each peer")
+    w("")
+    w("Throughput ratio, wsgate msgs/s ÷ peer msgs/s (above 1: wsgate echoed more), and the "
+      "same for p50 and p99 latency (below 1: wsgate answered faster).")
+    w("")
+    peers = [s for s in SERVERS if s != "wsgate"]
+    w("| Load | " + " | ".join(f"vs {LABELS[p]}: msgs/s · p50 · p99" for p in peers) + " |")
+    w("| --- | " + " | ".join("---:" for _ in peers) + " |")
+    for load in LOADS:
+        g = summary.get((load, "wsgate"))
+        if not g:
+            continue
+        cells = []
+        for p in peers:
+            v = summary.get((load, p))
+
+            def ratio(k):
+                if not v or not g.get(k) or not v.get(k):
+                    return None
+                return g[k] / v[k]
+
+            cells.append(f"{fmt_ratio(ratio('msgs_per_sec'))} · {fmt_ratio(ratio('p50_us'))} · "
+                         f"{fmt_ratio(ratio('p99_us'))}")
+        w(f"| {load_label(load)} | " + " | ".join(cells) + " |")
+    w("")
+
+    w("## CPU cost per message (echo runs)")
+    w("")
+    w("CPU time per echoed message (µs, user+system, medians over rounds) and average cores "
+      "busy over the run. The load generator must be cheaper per message than what it measures, "
+      "or it, not the server, would set the pace.")
+    w("")
+    w("| Load | Server | server µs/msg | load generator µs/msg | generator ÷ server | server cores | generator cores |")
+    w("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    cheaper, total = 0, 0
+    for load in LOADS:
+        for s in SERVERS:
+            v = summary.get((load, s))
+            if not v:
+                continue
+            r = None
+            if v["srv_us_per_msg"] and v["bench_us_per_msg"] is not None:
+                r = v["bench_us_per_msg"] / v["srv_us_per_msg"]
+                total += 1
+                cheaper += r < 1
+            w(f"| {load_label(load)} | {LABELS[s]} | {fmt(v['srv_us_per_msg'], 2)} | "
+              f"{fmt(v['bench_us_per_msg'], 2)} | {fmt_ratio(r)} | {fmt(v['srv_cores'], 2)} | "
+              f"{fmt(v['bench_cores'], 2)} |")
+    w("")
+    gw = [summary.get((l, "wsgate")) for l in LOADS]
+    gw_r = [g["bench_us_per_msg"] / g["srv_us_per_msg"] for g in gw
+            if g and g.get("srv_us_per_msg") and g.get("bench_us_per_msg") is not None]
+    if total:
+        w(f"The load generator was cheaper per message than the server in {cheaper} of {total} "
+          "server × load cells" + (f"; against wsgate it spent {min(gw_r):.2f}–{max(gw_r):.2f}× "
+                                   "wsgate's CPU per message." if gw_r else "."))
+        if cheaper < total:
+            w(" Where it is not (typically the raw-TCP ceiling, which does no WebSocket work), "
+              "that server's number is bounded by the load generator and this machine, not by "
+              "the server.")
+        w("")
+
+    w("## Gateway scenarios (wsgate only)")
+    w("")
+    sc = {r["kind"]: r for r in runs if r["kind"] != "echo"}
+    if not sc:
+        w("_No scenario ran._")
+    w("| Scenario | Setup | Result | Gateway CPU s | Notes |")
+    w("| --- | --- | --- | ---: | --- |")
+    if "connect" in sc:
+        r = sc["connect"]
+        x = r.get("result") or {}
+        hs = x.get("handshake") or {}
+        g = x.get("gateway") or {}
+        w(f"| connect | {x.get('connections', r['load'])} connections, {x.get('threads', '?')} thread(s), "
+          f"200 in flight per thread | **{fmt_int(x.get('connects_per_sec'))} connects/s** "
+          f"({fmt(x.get('connect_secs'), 3)} s for all); handshake p50 {fmt(hs.get('p50_us'))} µs, "
+          f"p99 {fmt(hs.get('p99_us'))} µs | {fmt(r['server_cpu_secs'], 2)} | connected "
+          f"{x.get('connected')}, failed {x.get('failed')}"
+          + (f"; gateway RSS {fmt_int(g.get('gateway_rss_after_kib'))} KiB after" if g.get("gateway_rss_after_kib") else "")
+          + " |")
+    if "idle" in sc:
+        r = sc["idle"]
+        x = r.get("result") or {}
+        g = x.get("gateway") or {}
+        n = x.get("connected") or 0
+        kt = g.get("kernel_tcp_mem_kib")
+        w(f"| idle | {x.get('connections', r['load'])} connections held, {x.get('processes')} "
+          f"load processes, 2 source addresses | **{fmt_int(g.get('gateway_rss_per_conn_bytes'))} "
+          f"bytes of gateway RSS per connection** (RSS {fmt_int(g.get('gateway_rss_before_kib'))} → "
+          f"{fmt_int(g.get('gateway_rss_after_kib'))} KiB) | {fmt(r['server_cpu_secs'], 2)} | "
+          f"connected {n}, failed {x.get('failed')}; kernel TCP memory {fmt_int(kt)} KiB"
+          + (f" (~{kt * 1024 / n / 2:,.0f} B per socket, both ends counted)" if kt and n else "")
+          + " |")
+    if "direct" in sc:
+        r = sc["direct"]
+        x = r.get("result") or {}
+        l_ = x.get("latency") or {}
+        s_ = x.get("latency_same_core") or {}
+        c_ = x.get("latency_cross_core") or {}
+        argv = r.get("argv", "")
+        win = argv.split("--window", 1)[1].split()[0] if "--window" in argv else "1"
+        w(f"| direct | {x.get('connections', r['load'])} users, each sending to random users, "
+          f"{win} unacknowledged sends per connection, {x.get('size')} B padding | "
+          f"**{fmt_int(x.get('msgs_per_sec'))} deliveries/s**; latency p50 {fmt(l_.get('p50_us'))} µs, "
+          f"p99 {fmt(l_.get('p99_us'))} µs, p99.9 {fmt(l_.get('p999_us'))} µs | "
+          f"{fmt(r['server_cpu_secs'], 2)} | same core p50/p99 {fmt(s_.get('p50_us'))}/"
+          f"{fmt(s_.get('p99_us'))} µs, cross core {fmt(c_.get('p50_us'))}/{fmt(c_.get('p99_us'))} "
+          f"µs; connected {x.get('connected')}, failed {x.get('failed')} |")
+    w("")
+
+    problems = []
+    for r in runs:
+        x = r.get("result") or {}
+        name = os.path.basename(r["_file"])
+        if r.get("exit_code") not in (0, "0"):
+            problems.append(f"`{name}`: load generator exit code {r.get('exit_code')}")
+        if not x:
+            problems.append(f"`{name}`: no result")
+        elif x.get("failed"):
+            problems.append(f"`{name}`: {x['failed']} connection(s) failed")
+        for line in r.get("server_stderr_tail") or []:
+            problems.append(f"`{name}` server stderr: `{line[:200]}`")
+    w("## Anomalies")
+    w("")
+    if problems:
+        for p in problems[:40]:
+            w(f"- {p}")
+        if len(problems) > 40:
+            w(f"- … and {len(problems) - 40} more (see `{rel}/runs/`)")
+    else:
+        w("None: every run exited cleanly, no connection failed, no server wrote to stderr.")
+    w("")
+    w("## Reproduce")
+    w("")
+    w("```sh")
+    w(a.command)
+    w("```")
+    w("")
+    w("It builds `wsgate` and `wsgate-bench` (`cargo build --release --bins`) and the peers "
+      "(`cd benches/peers && cargo build --release`, a separate workspace), runs everything "
+      f"above against 127.0.0.1, and rewrites this file and `{rel}/` (one JSON per run, "
+      "the load generator's stderr in `logs/`, the charts). `--quick` takes under two minutes; "
+      "the full run about fifteen.")
+    w("")
+    with open(a.md, "w") as f:
+        f.write("\n".join(L))
+    with open(os.path.join(a.dir, "summary.json"), "w") as f:
+        json.dump({"machine": m, "mode": a.mode, "command": a.command, "elapsed_secs": a.elapsed,
+                   "echo": [{"load": k[0], "server": k[1], **{kk: vv for kk, vv in v.items() if kk != "stderr"}}
+                            for k, v in summary.items()]}, f, indent=1)
+        f.write("\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd_name", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--rusage", required=True)
+    r.add_argument("--timeout", type=float, required=True)
+    r.add_argument("cmd", nargs=argparse.REMAINDER)
+    r.set_defaults(fn=cmd_run)
+    c = sub.add_parser("record")
+    for k in ("out", "kind", "server", "load", "bench-json", "rusage", "server-stderr", "argv"):
+        c.add_argument("--" + k, required=True)
+    c.add_argument("--round", type=int, required=True)
+    c.add_argument("--exit-code", type=int, required=True)
+    c.add_argument("--server-cpu-ticks", type=int, required=True)
+    c.add_argument("--clk-tck", type=int, required=True)
+    c.set_defaults(fn=cmd_record)
+    p = sub.add_parser("report")
+    for k in ("dir", "md", "mode", "command", "duration", "warmup"):
+        p.add_argument("--" + k, required=True)
+    for k in ("elapsed", "rounds", "threads", "workers"):
+        p.add_argument("--" + k, type=int, required=True)
+    p.set_defaults(fn=cmd_report)
+    a = ap.parse_args()
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()
