@@ -77,7 +77,7 @@ async fn api(core: &Core, req: &Request, keep_alive: bool) -> Vec<u8> {
         }
     }
     let call = &req.path["/api/".len()..];
-    let (method, call) = (req.method.as_str(), call);
+    let method = req.method.as_str();
     if let Some(user) = call.strip_prefix("presence/") {
         if method != "GET" {
             return method_not_allowed("GET", keep_alive);

@@ -365,28 +365,32 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     })
 }
 
+/// A client-to-server frame: `first` is the first header byte (FIN, RSV bits, opcode), the
+/// payload is masked with `mask`. For clients, load generators and tests; the zero mask is
+/// legal and makes masking free.
+pub fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    out.push(first);
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    unmask(&mut out[start..], mask);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![first];
-        let len = payload.len();
-        if len < 126 {
-            out.push(0x80 | len as u8);
-        } else if len <= 0xFFFF {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        out.extend_from_slice(&mask);
-        let mut p = payload.to_vec();
-        unmask(&mut p, mask);
-        out.extend_from_slice(&p);
-        out
-    }
 
     fn collect(dec: &mut Decoder, bytes: &[u8]) -> Result<Vec<String>, DecodeError> {
         let mut got = Vec::new();

@@ -27,7 +27,7 @@ use monoio::net::TcpStream;
 
 use crate::auth;
 use crate::codec::{self, DecodeError, Decoder, Msg};
-use crate::core::{ConnEntry, Core, Joined, Reply};
+use crate::core::{wait_until, ConnEntry, Core, Joined, Reply};
 use crate::http::{self, HttpError, Request};
 use crate::key::ConnKey;
 use crate::protocol::{self, ErrorCode, ProtoError, Request as ProtoRequest};
@@ -223,15 +223,8 @@ impl ConnShared {
 
     /// Waits for the owner's answer; true when registered.
     async fn registered(&self) -> bool {
-        poll_fn(|cx| {
-            if self.has(REGISTERED) {
-                Poll::Ready(!self.has(REFUSED))
-            } else {
-                self.reader_waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
-        .await
+        wait_until(&self.reader_waker, || self.has(REGISTERED)).await;
+        !self.has(REFUSED)
     }
 
     fn touch(&self) {
@@ -826,7 +819,7 @@ impl Session {
             }
             Ok(ProtoRequest::Publish { room, data }) => {
                 let frame = protocol::message(from, Some(&room), data);
-                core.publish(&room, frame, ack(parsed.id));
+                core.publish(&room, frame, parsed.id.map(|id| (self.key, id.to_owned())));
             }
             Ok(ProtoRequest::Join { room }) => match core.join(self.key, &room) {
                 Joined::Ok => {

@@ -288,15 +288,7 @@ impl Core {
     /// batch with a single wake.
     pub async fn run_flusher(self: Rc<Self>) {
         loop {
-            poll_fn(|cx| {
-                if self.flush_pending.get() {
-                    Poll::Ready(())
-                } else {
-                    self.flush_waker.set(Some(cx.waker().clone()));
-                    Poll::Pending
-                }
-            })
-            .await;
+            wait_until(&self.flush_waker, || self.flush_pending.get()).await;
             self.flush_pending.set(false);
             let batches: Vec<(usize, Vec<CoreMsg>)> = self
                 .outbox
@@ -354,8 +346,8 @@ impl Core {
                 }
             }
             CoreMsg::Presence { user, waiter } => {
-                let n = self.directory.borrow().get(&user).map_or(0, |k| k.len());
-                self.count_to(waiter, n as u64);
+                let n = self.presence_owned(&user);
+                self.count_to(waiter, n);
             }
             CoreMsg::Disconnect { user, waiter } => {
                 let n = self.disconnect_owned(&user);
@@ -627,13 +619,11 @@ impl Core {
         members.len() as u64
     }
 
-    /// Publishes to every member of `room` on every core.
-    pub fn publish(&self, room: &str, frame: Bytes, reply: Option<Reply>) {
+    /// Publishes to every member of `room` on every core; `ack` names the requesting
+    /// connection and its `id` when the total `delivered` must be acked.
+    pub fn publish(&self, room: &str, frame: Bytes, ack: Option<(ConnKey, Box<RawValue>)>) {
         let local = self.publish_local(room, &frame);
-        let done = reply.map(|r| match r {
-            Reply::Ack { conn, id } => Done::Ack { conn, id },
-            Reply::Waiter(_) => unreachable!("publish callers pass an ack or use the API path"),
-        });
+        let done = ack.map(|(conn, id)| Done::Ack { conn, id });
         self.gather_all(local, done, |waiter| CoreMsg::RoomPublish {
             room: room.into(),
             frame: frame.clone(),
@@ -703,44 +693,45 @@ impl Core {
 
     /// `GET /api/presence/{user}`.
     pub fn api_presence(&self, user: &str) -> Rc<Slot> {
+        self.ask_owner(user, Core::presence_owned, |user, waiter| {
+            CoreMsg::Presence { user, waiter }
+        })
+    }
+
+    /// `POST /api/disconnect`.
+    pub fn api_disconnect(&self, user: &str) -> Rc<Slot> {
+        self.ask_owner(user, Core::disconnect_owned, |user, waiter| {
+            CoreMsg::Disconnect { user, waiter }
+        })
+    }
+
+    /// Runs `on_owner` on `user`'s owner core (here, or through `msg`) and returns the slot
+    /// its count arrives in.
+    fn ask_owner(
+        &self,
+        user: &str,
+        on_owner: fn(&Core, &str) -> u64,
+        msg: fn(Box<str>, ConnKey) -> CoreMsg,
+    ) -> Rc<Slot> {
         let (slot, key) = self.local_waiter(1);
         if let Some(waiter) = key {
             let owner = self.shared.owner_of(user);
             if owner == self.id {
-                let n = self.directory.borrow().get(user).map_or(0, |k| k.len());
-                self.count(waiter, n as u64);
+                let n = on_owner(self, user);
+                self.count(waiter, n);
             } else {
-                self.post(
-                    owner,
-                    CoreMsg::Presence {
-                        user: user.into(),
-                        waiter,
-                    },
-                );
+                self.post(owner, msg(user.into(), waiter));
             }
         }
         slot
     }
 
-    /// `POST /api/disconnect`.
-    pub fn api_disconnect(&self, user: &str) -> Rc<Slot> {
-        let (slot, key) = self.local_waiter(1);
-        if let Some(waiter) = key {
-            let owner = self.shared.owner_of(user);
-            if owner == self.id {
-                let n = self.disconnect_owned(user);
-                self.count(waiter, n);
-            } else {
-                self.post(
-                    owner,
-                    CoreMsg::Disconnect {
-                        user: user.into(),
-                        waiter,
-                    },
-                );
-            }
-        }
-        slot
+    /// On the owner: how many connections `user` has.
+    fn presence_owned(&self, user: &str) -> u64 {
+        self.directory
+            .borrow()
+            .get(user)
+            .map_or(0, |k| k.len() as u64)
     }
 
     /// On the owner: closes every connection of `user` with 1008; returns how many.
@@ -877,27 +868,29 @@ impl Core {
 
     /// Resolves once shutdown has begun and every connection of this core is gone.
     pub async fn drained(&self) {
-        poll_fn(|cx| {
-            if self.shutting_down.get() && self.conns.borrow().is_empty() {
-                Poll::Ready(())
-            } else {
-                self.drain_waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
+        wait_until(&self.drain_waker, || {
+            self.shutting_down.get() && self.conns.borrow().is_empty()
         })
         .await
     }
 
     /// Resolves once shutdown has begun.
     pub async fn shutdown_started(&self) {
-        poll_fn(|cx| {
-            if self.shutting_down.get() {
-                Poll::Ready(())
-            } else {
-                self.drain_waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
-        .await
+        wait_until(&self.drain_waker, || self.shutting_down.get()).await
     }
+}
+
+/// Waits until `ready()` holds, parking the task's waker in `waker` in between; whoever makes
+/// it hold takes the waker and wakes it. Single-threaded: no wake can be lost between the
+/// check and the parking.
+pub(crate) async fn wait_until(waker: &Cell<Option<Waker>>, ready: impl Fn() -> bool) {
+    poll_fn(|cx| {
+        if ready() {
+            Poll::Ready(())
+        } else {
+            waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        }
+    })
+    .await
 }

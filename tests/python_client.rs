@@ -7,8 +7,8 @@ use std::process::Command;
 
 use common::{http, send_acked, Gateway};
 
-#[test]
-fn python_websockets_client_speaks_the_protocol() {
+/// The venv with the Python clients (created by the project's script on first use).
+fn venv() -> String {
     let root = env!("CARGO_MANIFEST_DIR");
     let setup = Command::new("bash")
         .arg(format!("{root}/scripts/setup-python.sh"))
@@ -16,10 +16,16 @@ fn python_websockets_client_speaks_the_protocol() {
         .expect("run scripts/setup-python.sh");
     assert!(
         setup.status.success(),
-        "setting up the Python client failed: {}",
+        "setting up the Python clients failed: {}",
         String::from_utf8_lossy(&setup.stderr)
     );
-    let venv = String::from_utf8(setup.stdout).unwrap().trim().to_string();
+    String::from_utf8(setup.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn python_websockets_client_speaks_the_protocol() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let venv = venv();
 
     let gw = Gateway::start(&["--max-message-size", "4096"]);
     let out = Command::new(format!("{venv}/bin/python"))
@@ -39,16 +45,7 @@ fn python_websockets_client_speaks_the_protocol() {
 #[test]
 fn metrics_parse_with_the_reference_prometheus_parser() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let setup = Command::new("bash")
-        .arg(format!("{root}/scripts/setup-python.sh"))
-        .output()
-        .expect("run scripts/setup-python.sh");
-    assert!(
-        setup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
-    let venv = String::from_utf8(setup.stdout).unwrap().trim().to_string();
+    let venv = venv();
 
     let gw = Gateway::start(&[]);
     let mut a = gw.connect("a");

@@ -121,21 +121,7 @@ pub fn http(
 
 /// A masked client frame, for sending what a well-behaved client library refuses to.
 pub fn client_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    let mut out = vec![first_byte];
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len <= 0xFFFF {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
+    wsgate::codec::client_frame(first_byte, payload, [0x11, 0x22, 0x33, 0x44])
 }
 
 /// Asserts that the client's next close frame carries `code`.

@@ -681,34 +681,15 @@ async fn direct(
     let stop = monoio::time::Instant::from_std(window.end);
     if args.rate > 0.0 {
         // Open loop: a sender task at a fixed rate; this task reads.
-        let sender = conn.sender();
-        let counters2 = counters.clone();
-        let period = Duration::from_secs_f64(1.0 / args.rate);
-        let send_task = monoio::spawn(async move {
-            let mut id = 0;
-            let mut next = Instant::now();
-            while Instant::now() < window.end {
-                id += 1;
-                if sender.send(&next_request(id)).await.is_err() {
-                    break;
-                }
-                counters2.sent.fetch_add(1, Relaxed);
-                next += period;
-                monoio::time::sleep_until(monoio::time::Instant::from_std(next)).await;
-            }
-        });
-        let _ = monoio::time::timeout_at(stop, async {
-            while conn
-                .read_frames(|f| {
-                    if f.payload.starts_with(br#"{"type":"message""#) {
-                        record_delivery(f.payload, core, window, &hists, &counters);
-                    }
-                })
-                .await
-                .is_ok()
-            {}
-        })
-        .await;
+        let send_task = spawn_paced(
+            conn.sender(),
+            args.rate,
+            Duration::ZERO,
+            window.end,
+            counters.clone(),
+            next_request,
+        );
+        receive_deliveries(&mut conn, core, window, &hists, &counters).await;
         send_task.await;
     } else {
         // Closed loop on acks: `window` sends in flight.
@@ -767,41 +748,46 @@ async fn room(
     {
         return;
     }
-    let stop = monoio::time::Instant::from_std(window.end);
     if publisher {
         let pad = padding(args.size);
-        let sender = conn.sender();
-        let counters2 = counters.clone();
-        let rate = if args.rate > 0.0 { args.rate } else { 100.0 };
-        let period = Duration::from_secs_f64(1.0 / rate);
         let room = args.room.clone();
-        monoio::spawn(async move {
-            // Let the members' joins land first.
-            monoio::time::sleep(Duration::from_millis(500)).await;
-            let mut next = Instant::now();
-            while Instant::now() < window.end {
-                let text = format!(
-                    r#"{{"type":"publish","room":"{room}","data":{{"t":{},"c":{core},"p":"{pad}"}}}}"#,
-                    now_ns()
-                );
-                if sender
-                    .send(&client_frame(0x1, text.as_bytes()))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                counters2.sent.fetch_add(1, Relaxed);
-                next += period;
-                monoio::time::sleep_until(monoio::time::Instant::from_std(next)).await;
-            }
-        });
+        let rate = if args.rate > 0.0 { args.rate } else { 100.0 };
+        // Let the members' joins land first.
+        let delay = Duration::from_millis(500);
+        let make = move |_| {
+            let text = format!(
+                r#"{{"type":"publish","room":"{room}","data":{{"t":{},"c":{core},"p":"{pad}"}}}}"#,
+                now_ns()
+            );
+            client_frame(0x1, text.as_bytes())
+        };
+        spawn_paced(
+            conn.sender(),
+            rate,
+            delay,
+            window.end,
+            counters.clone(),
+            make,
+        );
     }
+    receive_deliveries(&mut conn, core, window, &hists, &counters).await;
+    conn.abort();
+}
+
+/// Reads until the window ends, recording every delivery's latency.
+async fn receive_deliveries(
+    conn: &mut WsConn,
+    core: u8,
+    window: Window,
+    hists: &RefCell<ThreadHists>,
+    counters: &Counters,
+) {
+    let stop = monoio::time::Instant::from_std(window.end);
     let _ = monoio::time::timeout_at(stop, async {
         while conn
             .read_frames(|f| {
                 if f.payload.starts_with(br#"{"type":"message""#) {
-                    record_delivery(f.payload, core, window, &hists, &counters);
+                    record_delivery(f.payload, core, window, hists, counters);
                 }
             })
             .await
@@ -809,7 +795,32 @@ async fn room(
         {}
     })
     .await;
-    conn.abort();
+}
+
+/// Sends `make(n)` for n = 1, 2, ... at `rate` per second until `end` (after `delay`).
+fn spawn_paced(
+    sender: client::Sender,
+    rate: f64,
+    delay: Duration,
+    end: Instant,
+    counters: Arc<Counters>,
+    mut make: impl FnMut(u64) -> Vec<u8> + 'static,
+) -> monoio::task::JoinHandle<()> {
+    let period = Duration::from_secs_f64(1.0 / rate);
+    monoio::spawn(async move {
+        monoio::time::sleep(delay).await;
+        let mut next = Instant::now();
+        let mut n = 0;
+        while Instant::now() < end {
+            n += 1;
+            if sender.send(&make(n)).await.is_err() {
+                break;
+            }
+            counters.sent.fetch_add(1, Relaxed);
+            next += period;
+            monoio::time::sleep_until(monoio::time::Instant::from_std(next)).await;
+        }
+    })
 }
 
 fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
