@@ -33,9 +33,11 @@ use crate::key::ConnKey;
 use crate::protocol::{self, ErrorCode, ProtoError, Request as ProtoRequest};
 use crate::stats;
 
-/// How long a server-initiated close waits for the peer's close frame (and for its own close
-/// frame to drain) before the socket is shut anyway.
+/// How long a server-initiated close waits without progress (the peer neither reading what is
+/// left nor answering the close frame) before the socket is shut anyway.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// The most a close may take while the peer keeps draining slowly.
+const CLOSE_MAX: Duration = Duration::from_secs(30);
 /// How long a keep-alive HTTP connection may wait for its next request.
 const HTTP_KEEPALIVE: Duration = Duration::from_secs(60);
 
@@ -871,6 +873,8 @@ async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>)
     let mut head = 0usize;
     let mut close_queued: Option<CloseReq> = None;
     let mut close_sent = false;
+    let mut close_started = Instant::now();
+    let mut close_cap = close_started;
     let mut writable: Option<WritableFuture> = None;
     conn.start_liveness(core.config().ping_interval);
 
@@ -901,7 +905,10 @@ async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>)
                 } else {
                     CLOSE_WAIT
                 };
-                conn.close_deadline.set(Some(Instant::now() + wait));
+                let now = Instant::now();
+                close_started = now;
+                close_cap = now + wait.max(CLOSE_MAX);
+                conn.close_deadline.set(Some(now + wait));
             }
         }
 
@@ -909,7 +916,15 @@ async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>)
         if writable.is_none() {
             while !conn.queue.borrow().is_empty() {
                 match conn.write_to(fd, &mut head) {
-                    Ok(n) => stats::add(&core.stats().bytes_out, n as u64),
+                    Ok(n) => {
+                        stats::add(&core.stats().bytes_out, n as u64);
+                        // A peer still taking bytes is slow, not dead: the close frame queued
+                        // behind them gets more time, up to the cap.
+                        if close_queued.is_some() && close_started.elapsed() > CLOSE_WAIT / 4 {
+                            let later = (Instant::now() + CLOSE_WAIT).min(close_cap);
+                            conn.close_deadline.set(Some(later));
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         let s = stream.clone();

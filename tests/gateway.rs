@@ -431,15 +431,13 @@ fn slow_consumer_is_closed_with_1013_and_others_are_unaffected() {
     let mut slow = gw.connect("slow");
     let mut fast = gw.connect("fast");
     let mut sender = gw.connect("sender");
-    // Shrink the slow reader's receive buffer so the backlog piles up in the gateway.
-    socket2::SockRef::from(slow.ws().get_ref())
-        .set_recv_buffer_size(4096)
-        .unwrap();
-    let chunk = "x".repeat(8000);
+    // The slow client reads nothing until the gateway gives up on it: the kernel buffers
+    // fill, then the gateway's queue passes its limit.
+    let chunk = "x".repeat(32_000);
     let mut closed_at = None;
-    for i in 0..2000u64 {
+    for i in 0..3000u64 {
         sender.send_to("slow", json!(chunk), None).unwrap();
-        if i % 50 == 0 {
+        if i % 20 == 0 {
             assert_eq!(send_acked(&mut sender, "fast", json!(i), i), 1);
             assert_eq!(fast.recv_message(T).unwrap()["data"], i);
             if gw.stats()["total"]["slow_consumer_closes"] == 1 {
