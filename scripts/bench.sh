@@ -2,10 +2,12 @@
 # Measures wsgate against its peers and writes BENCHMARKS.md (plus raw JSON and SVG charts in
 # bench-results/latest/).
 #
-#   scripts/bench.sh            full run: 3 rounds, 10 s measured + 2 s warm-up each (~12 min)
-#   scripts/bench.sh --quick    1 round, 3 s + 1 s, 2,000 idle connections (under 2 min)
+#   scripts/bench.sh            full run: 3 rounds, 10 s measured + 2 s warm-up each (~8 min
+#                               on 2 cores, plus the builds)
+#   scripts/bench.sh --quick    1 round, 3 s + 1 s, 2,000 idle connections (~70 s)
 #   options: --no-build (use the binaries already in target/release and
 #            benches/peers/target/release), --rounds N, --duration 10s, --warmup 2s
+#            (durations in whole seconds; put --quick first if combined)
 #   env:     BENCH_THREADS (load generator threads, default 1: on 2 cores a second thread
 #            lowers every server's throughput), BENCH_WORKERS (server threads, default: number
 #            of CPUs), BENCH_WSGATE_ARGS (extra wsgate flags, e.g. "--driver epoll"),
@@ -41,7 +43,7 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=$2; shift ;;
     --duration) duration=$2; shift ;;
     --warmup) warmup=$2; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -75,7 +77,8 @@ started=$(date +%s)
 if [ "$build" = 1 ]; then
   echo "== build (release): wsgate, wsgate-bench, peers" >&2
   cargo build --release --bins
-  (cd benches/peers && cargo build --release)
+  # Its own workspace and its own target dir, whatever CARGO_TARGET_DIR says.
+  (cd benches/peers && CARGO_TARGET_DIR="$repo/benches/peers/target" cargo build --release)
 fi
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 # Private copies, so a rebuild elsewhere cannot swap a binary in the middle of the run.

@@ -116,7 +116,9 @@ def cmd_record(a):
         "round": a.round,
         "argv": a.argv,
         "exit_code": a.exit_code,
-        "server_cpu_secs": a.server_cpu_ticks / a.clk_tck,
+        "server_cpu_secs": (a.server_user_ticks + a.server_sys_ticks) / a.clk_tck,
+        "server_user_secs": a.server_user_ticks / a.clk_tck,
+        "server_sys_secs": a.server_sys_ticks / a.clk_tck,
         "bench_cpu_secs": None if user is None else round(user + sys_, 3),
         "bench_user_secs": user,
         "bench_sys_secs": sys_,
@@ -241,13 +243,17 @@ def summarize_echo(runs):
             ok = [r for r in rs if r.get("result")]
             res = [r["result"] for r in ok]
             per_msg_srv, per_msg_bench, srv_cores, bench_cores = [], [], [], []
+            user_srv, user_bench = [], []
             for r in ok:
                 n = r["result"].get("received") or 0
                 wall = r.get("wall_secs") or 0
                 if n:
                     per_msg_srv.append(r["server_cpu_secs"] / n * 1e6)
+                    if r.get("server_user_secs") is not None:
+                        user_srv.append(r["server_user_secs"] / n * 1e6)
                     if r.get("bench_cpu_secs") is not None:
                         per_msg_bench.append(r["bench_cpu_secs"] / n * 1e6)
+                        user_bench.append(r["bench_user_secs"] / n * 1e6)
                 if wall:
                     srv_cores.append(r["server_cpu_secs"] / wall)
                     if r.get("bench_cpu_secs") is not None:
@@ -268,6 +274,8 @@ def summarize_echo(runs):
                 "failed": sum((x.get("failed") or 0) for x in res),
                 "srv_us_per_msg": med(per_msg_srv),
                 "bench_us_per_msg": med(per_msg_bench),
+                "srv_user_us_per_msg": med(user_srv),
+                "bench_user_us_per_msg": med(user_bench),
                 "srv_cores": med(srv_cores),
                 "bench_cores": med(bench_cores),
                 "stderr": sorted({line for r in rs for line in r.get("server_stderr_tail") or []}),
@@ -346,8 +354,9 @@ def chart_throughput(summary, path):
                 body.append(f'<line x1="{cx:.1f}" y1="{y1:.1f}" x2="{cx:.1f}" y2="{y2:.1f}" stroke="black"/>')
                 for yy in (y1, y2):
                     body.append(f'<line x1="{cx - 4:.1f}" y1="{yy:.1f}" x2="{cx + 4:.1f}" y2="{yy:.1f}" stroke="black"/>')
-            body.append(f'<text x="{bx + bw / 2:.1f}" y="{top + ph - bh - 5:.1f}" text-anchor="middle" '
-                        f'font-size="10">{short(m)}</text>')
+            label_at = max(m, hi or 0) if v.get("ok_runs", 0) > 1 else m
+            body.append(f'<text x="{bx + bw / 2:.1f}" y="{top + ph - ph * label_at / vmax - 5:.1f}" '
+                        f'text-anchor="middle" font-size="10">{short(m)}</text>')
         body.append(f'<line x1="{x0}" y1="{top + ph}" x2="{x0 + pw}" y2="{top + ph}" stroke="black"/>')
     body.append(f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" '
                 f'text-anchor="middle">messages / s (echoed)</text>')
@@ -454,6 +463,9 @@ def cmd_report(a):
     w(f"- Kernel: Linux {m['kernel']}")
     w(f"- Toolchain: {m['rustc'] or 'unknown'}; wsgate at `{m['git'] or 'unknown'}`")
     w(f"- Date: {m['date']}; run took {a.elapsed} s")
+    if not a.built:
+        w("- Binaries: prebuilt (`--no-build`), taken from `target/release` as found; they may "
+          "not match the commit above.")
     w("")
     w("Everything ran on 127.0.0.1: the load generator and the server share the same "
       f"{m['cores']} cores, so every number is a property of the pair on this machine, not of "
@@ -466,7 +478,8 @@ def cmd_report(a):
       f"measured; {a.rounds} round(s), servers alternating A B C D within each load, each server "
       "started fresh on port 0 for its run and stopped after it. Tables show the median over rounds.")
     w(f"- Servers, {a.workers} threads each:")
-    w(f"  - **wsgate**: its `/echo` endpoint (`--workers {a.workers} --echo-path /echo`), "
+    extra = f" {a.wsgate_args}" if a.wsgate_args else ""
+    w(f"  - **wsgate**: its `/echo` endpoint (`--workers {a.workers} --echo-path /echo --log warn{extra}`), "
       f"I/O driver: {driver or 'auto'}. For the 16 KiB load: `--max-message-size 1048576 "
       "--max-queued-bytes 67108864`.")
     w(f"  - **fastwebsockets** {vers.get('fastwebsockets', '')} with hyper {vers.get('hyper', '')} "
@@ -487,15 +500,17 @@ def cmd_report(a):
 
     w("## Echo: throughput and latency")
     w("")
-    w("| Load | Server | msgs/s | MB/s | p50 µs | p99 µs | p99.9 µs | connected | failed |")
-    w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    w("| Load | Server | msgs/s | (min–max over rounds) | MB/s | p50 µs | p99 µs | p99.9 µs | connected | failed |")
+    w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for load in LOADS:
         for s in SERVERS:
             v = summary.get((load, s))
             if not v:
                 continue
             name = f"**{LABELS[s]}**" if s == "wsgate" else LABELS[s]
-            w(f"| {load_label(load)} | {name} | {fmt_int(v['msgs_per_sec'])} | "
+            spread = (f"{short(v['msgs_min'])}–{short(v['msgs_max'])}"
+                      if v["ok_runs"] > 1 and v["msgs_min"] is not None else "–")
+            w(f"| {load_label(load)} | {name} | {fmt_int(v['msgs_per_sec'])} | {spread} | "
               f"{fmt(v['mbytes_per_sec'], 2)} | {fmt(v['p50_us'])} | {fmt(v['p99_us'])} | "
               f"{fmt(v['p999_us'])} | {v['connected']} | {v['failed']} |")
     w("")
@@ -532,13 +547,17 @@ def cmd_report(a):
 
     w("## CPU cost per message (echo runs)")
     w("")
-    w("CPU time per echoed message (µs, user+system, medians over rounds) and average cores "
-      "busy over the run. The load generator must be cheaper per message than what it measures, "
-      "or it, not the server, would set the pace.")
+    w("CPU time per echoed message in µs (medians over rounds): all (user+system) and user "
+      "only, for the server and for the load generator, and the average cores each kept busy. "
+      "The load generator has to be cheaper per message than what it measures, or it, not the "
+      "server, would set the pace. On loopback most of the cost is system time, and the kernel "
+      "runs much of a segment's receive path in the *sender's* context (the softirq after "
+      "`send`), so system time lands on the two ends about evenly whoever causes it; user time "
+      "is the cleaner comparison of the two programs' own work.")
     w("")
-    w("| Load | Server | server µs/msg | load generator µs/msg | generator ÷ server | server cores | generator cores |")
-    w("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    cheaper, total = 0, 0
+    w("| Load | Server | server µs/msg | generator µs/msg | generator ÷ server | server user µs/msg | generator user µs/msg | server cores | generator cores |")
+    w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    cheaper, cheaper_user, total = 0, 0, 0
     for load in LOADS:
         for s in SERVERS:
             v = summary.get((load, s))
@@ -549,21 +568,32 @@ def cmd_report(a):
                 r = v["bench_us_per_msg"] / v["srv_us_per_msg"]
                 total += 1
                 cheaper += r < 1
-            w(f"| {load_label(load)} | {LABELS[s]} | {fmt(v['srv_us_per_msg'], 2)} | "
-              f"{fmt(v['bench_us_per_msg'], 2)} | {fmt_ratio(r)} | {fmt(v['srv_cores'], 2)} | "
+                if v["srv_user_us_per_msg"] and v["bench_user_us_per_msg"] is not None:
+                    cheaper_user += v["bench_user_us_per_msg"] < v["srv_user_us_per_msg"]
+            name = f"**{LABELS[s]}**" if s == "wsgate" else LABELS[s]
+            w(f"| {load_label(load)} | {name} | {fmt(v['srv_us_per_msg'], 2)} | "
+              f"{fmt(v['bench_us_per_msg'], 2)} | {fmt_ratio(r)} | {fmt(v['srv_user_us_per_msg'], 2)} | "
+              f"{fmt(v['bench_user_us_per_msg'], 2)} | {fmt(v['srv_cores'], 2)} | "
               f"{fmt(v['bench_cores'], 2)} |")
     w("")
     gw = [summary.get((l, "wsgate")) for l in LOADS]
     gw_r = [g["bench_us_per_msg"] / g["srv_us_per_msg"] for g in gw
             if g and g.get("srv_us_per_msg") and g.get("bench_us_per_msg") is not None]
+    gw_u = [g["bench_user_us_per_msg"] / g["srv_user_us_per_msg"] for g in gw
+            if g and g.get("srv_user_us_per_msg") and g.get("bench_user_us_per_msg") is not None]
     if total:
-        w(f"The load generator was cheaper per message than the server in {cheaper} of {total} "
-          "server × load cells" + (f"; against wsgate it spent {min(gw_r):.2f}–{max(gw_r):.2f}× "
-                                   "wsgate's CPU per message." if gw_r else "."))
+        txt = (f"The load generator spent less CPU per message than the server in {cheaper} of "
+               f"{total} server × load cells (user time alone: {cheaper_user} of {total})")
+        if gw_r:
+            txt += (f"; against wsgate it spent {min(gw_r):.2f}–{max(gw_r):.2f}× wsgate's CPU per "
+                    "message")
+            if gw_u:
+                txt += f" ({min(gw_u):.2f}–{max(gw_u):.2f}× in user time)"
+        w(txt + ".")
         if cheaper < total:
-            w(" Where it is not (typically the raw-TCP ceiling, which does no WebSocket work), "
-              "that server's number is bounded by the load generator and this machine, not by "
-              "the server.")
+            w("Where the ratio reaches about 1× (the fastest servers and the raw-TCP ceiling), the "
+              "generator and the server cost about the same per message and share two cores, so "
+              "those numbers are bounded by the pair on this machine, not by the server alone.")
         w("")
 
     w("## Gateway scenarios (wsgate only)")
@@ -595,9 +625,8 @@ def cmd_report(a):
           f"load processes, 2 source addresses | **{fmt_int(g.get('gateway_rss_per_conn_bytes'))} "
           f"bytes of gateway RSS per connection** (RSS {fmt_int(g.get('gateway_rss_before_kib'))} → "
           f"{fmt_int(g.get('gateway_rss_after_kib'))} KiB) | {fmt(r['server_cpu_secs'], 2)} | "
-          f"connected {n}, failed {x.get('failed')}; kernel TCP memory {fmt_int(kt)} KiB"
-          + (f" (~{kt * 1024 / n / 2:,.0f} B per socket, both ends counted)" if kt and n else "")
-          + " |")
+          f"connected {n}, failed {x.get('failed')}; kernel TCP buffer memory {fmt_int(kt)} KiB "
+          "in all (idle sockets hold next to no buffers) |")
     if "direct" in sc:
         r = sc["direct"]
         x = r.get("result") or {}
@@ -612,7 +641,8 @@ def cmd_report(a):
           f"p99 {fmt(l_.get('p99_us'))} µs, p99.9 {fmt(l_.get('p999_us'))} µs | "
           f"{fmt(r['server_cpu_secs'], 2)} | same core p50/p99 {fmt(s_.get('p50_us'))}/"
           f"{fmt(s_.get('p99_us'))} µs, cross core {fmt(c_.get('p50_us'))}/{fmt(c_.get('p99_us'))} "
-          f"µs; connected {x.get('connected')}, failed {x.get('failed')} |")
+          f"µs; connected {x.get('connected')}, failed {x.get('failed')}. A saturated closed "
+          "loop: latency is mostly queueing (messages in flight ÷ rate) |")
     w("")
 
     problems = []
@@ -639,15 +669,18 @@ def cmd_report(a):
     w("")
     w("## Reproduce")
     w("")
+    canonical = " ".join(t for t in a.command.split() if t != "--no-build")
     w("```sh")
-    w(a.command)
+    w(canonical)
     w("```")
     w("")
+    if canonical != a.command:
+        w(f"(This file came from `{a.command}`.) ")
     w("It builds `wsgate` and `wsgate-bench` (`cargo build --release --bins`) and the peers "
       "(`cd benches/peers && cargo build --release`, a separate workspace), runs everything "
       f"above against 127.0.0.1, and rewrites this file and `{rel}/` (one JSON per run, "
-      "the load generator's stderr in `logs/`, the charts). `--quick` takes under two minutes; "
-      "the full run about fifteen.")
+      "the load generator's stderr in `logs/`, the charts). On this machine `--quick` takes "
+      "about 70 s and the full run about 8 minutes, plus the builds.")
     w("")
     with open(a.md, "w") as f:
         f.write("\n".join(L))
@@ -671,12 +704,14 @@ def main():
         c.add_argument("--" + k, required=True)
     c.add_argument("--round", type=int, required=True)
     c.add_argument("--exit-code", type=int, required=True)
-    c.add_argument("--server-cpu-ticks", type=int, required=True)
+    c.add_argument("--server-user-ticks", type=int, required=True)
+    c.add_argument("--server-sys-ticks", type=int, required=True)
     c.add_argument("--clk-tck", type=int, required=True)
     c.set_defaults(fn=cmd_record)
     p = sub.add_parser("report")
-    for k in ("dir", "md", "mode", "command", "duration", "warmup"):
+    for k in ("dir", "md", "mode", "command", "duration", "warmup", "wsgate-args"):
         p.add_argument("--" + k, required=True)
+    p.add_argument("--built", type=int, required=True)
     for k in ("elapsed", "rounds", "threads", "workers"):
         p.add_argument("--" + k, type=int, required=True)
     p.set_defaults(fn=cmd_report)

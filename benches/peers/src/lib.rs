@@ -1,0 +1,83 @@
+//! What the three peer echo servers share: the command line (`--listen ADDR`, default
+//! 127.0.0.1:0; `--threads N`, default the number of CPUs), a multi-thread tokio runtime, and
+//! wsgate's start-up convention: the first line on stdout is `listening on ADDR`.
+
+use std::net::SocketAddr;
+
+/// Parsed command line.
+pub struct Opts {
+    pub listen: SocketAddr,
+    pub threads: usize,
+}
+
+/// Parses `--listen ADDR` and `--threads N` (also as `--listen=ADDR`); exits on anything else.
+pub fn opts(name: &str) -> Opts {
+    let mut o = Opts {
+        listen: "127.0.0.1:0".parse().expect("default address"),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let usage = |msg: &str| -> ! {
+        eprintln!("{name}: {msg}\nusage: {name} [--listen ADDR (127.0.0.1:0)] [--threads N (CPUs)]");
+        std::process::exit(2)
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let (key, inline) = match a.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (a.clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .unwrap_or_else(|| usage(&format!("{key} needs a value")))
+        };
+        match key.as_str() {
+            "--listen" => {
+                let v = value();
+                o.listen = v
+                    .parse()
+                    .unwrap_or_else(|_| usage(&format!("bad address {v}")));
+            }
+            "--threads" => {
+                let v = value();
+                o.threads = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| usage(&format!("bad thread count {v}")));
+            }
+            "-h" | "--help" => usage("an echo server for wsgate's peer comparison"),
+            _ => usage(&format!("unknown argument {a}")),
+        }
+    }
+    o
+}
+
+/// A multi-thread tokio runtime with `threads` workers.
+pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Binds the listener and prints `listening on ADDR` (the bound address) as the first line.
+pub async fn bind(addr: SocketAddr) -> tokio::net::TcpListener {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("bind {addr}: {e}");
+            std::process::exit(1)
+        });
+    let local = listener.local_addr().expect("bound address");
+    // println! goes through a LineWriter: the line is out before the first accept.
+    println!("listening on {local}");
+    listener
+}
+
+/// Accepted sockets get TCP_NODELAY, like wsgate's and wsgate-bench's.
+pub fn nodelay(s: &tokio::net::TcpStream) {
+    let _ = s.set_nodelay(true);
+}
