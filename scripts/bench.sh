@@ -19,8 +19,9 @@
 #    A B C D per load and round, each server started fresh on port 0 and stopped after its run.
 #    CPU time of the server (/proc/PID/stat) and of the load generator (wait4 rusage) is
 #    recorded for every run.
-# 2. Gateway scenarios, once each on a fresh gateway: connect, idle (RSS per connection),
-#    direct (user-to-user messages).
+# 2. Gateway scenarios, once each on a fresh gateway: connect, idle (RSS per connection at
+#    ~19,000 and at 10,000 connections), direct (user-to-user messages), room (one publisher,
+#    10,000 members spread over both cores, 10 publishes/s).
 # Everything targets 127.0.0.1 only, every run is bounded by a timeout, and the trap stops
 # whatever this script started.
 set -euo pipefail
@@ -33,12 +34,14 @@ rounds=3
 duration=10s
 warmup=2s
 idle_conns=19000
+idle10k_conns=10000
 connect_conns=5000
 direct_conns=1000
+room_members=10000
 args_seen=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
-    --quick) quick=1; rounds=1; duration=3s; warmup=1s; idle_conns=2000 ;;
+    --quick) quick=1; rounds=1; duration=3s; warmup=1s; idle_conns=2000; idle10k_conns=1000; room_members=1000 ;;
     --no-build) build=0 ;;
     --rounds) rounds=$2; shift ;;
     --duration) duration=$2; shift ;;
@@ -219,15 +222,39 @@ measure scenario-idle idle wsgate "$idle_conns" 1 -- idle \
 stop_server
 
 start_server wsgate
+echo "   idle: $idle10k_conns connections (1 process)" >&2
+measure scenario-idle10k idle10k wsgate "$idle10k_conns" 1 -- idle \
+  --target "$srv_addr" --connections "$idle10k_conns" \
+  --gateway-pid "$srv_pid" --duration "$duration" --warmup "$warmup"
+stop_server
+
+start_server wsgate
+echo "   room: 1 publisher + $room_members members, 10 publishes/s" >&2
+measure scenario-room room wsgate "$room_members" 1 -- room \
+  --target "$srv_addr" --connections "$((room_members + 1))" --rate 10 \
+  --duration "$duration" --warmup "$warmup" --threads "$threads"
+stop_server
+
+start_server wsgate
 echo "   direct: $direct_conns connections, window 8" >&2
 measure scenario-direct direct wsgate "$direct_conns" 1 -- direct \
   --target "$srv_addr" --connections "$direct_conns" --window 8 \
   --duration "$duration" --warmup "$warmup" --threads "$threads"
 stop_server
 
+crit_dir=
+if [ "$quick" != 1 ]; then
+  echo "== criterion micro-benchmarks" >&2
+  if cargo bench --bench hot_paths >"$out/logs/criterion.log" 2>&1; then
+    crit_dir="${CARGO_TARGET_DIR:-$repo/target}/criterion"
+  else
+    echo "   cargo bench failed (log: $out/logs/criterion.log)" >&2
+  fi
+fi
+
 elapsed=$(( $(date +%s) - started ))
 cmd="scripts/bench.sh${args_seen[*]+ ${args_seen[*]}}"
 python3 "$report" report --dir "$out" --md BENCHMARKS.md --mode "$([ $quick = 1 ] && echo quick || echo full)" \
   --command "$cmd" --built "$build" --wsgate-args "${BENCH_WSGATE_ARGS:-}" --elapsed "$elapsed" --rounds "$rounds" --duration "$duration" \
-  --warmup "$warmup" --threads "$threads" --workers "$workers"
+  --warmup "$warmup" --threads "$threads" --workers "$workers" --criterion "$crit_dir"
 echo "== done in ${elapsed}s: BENCHMARKS.md, $out/" >&2

@@ -429,6 +429,40 @@ def chart_latency(summary, path):
 # ---- markdown ------------------------------------------------------------------------
 
 
+def human_ns(ns):
+    for unit, f in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
+        if ns >= f:
+            return f"{ns / f:.3g} {unit}"
+    return f"{ns:.3g} ns"
+
+
+def criterion_rows(root):
+    """(name, mean, low, high, throughput) per benchmark from criterion's JSON output."""
+    rows = []
+    if not root or not os.path.isdir(root):
+        return rows
+    for dirpath, _dirs, files in sorted(os.walk(root)):
+        if not dirpath.endswith(os.path.join("new")) or "estimates.json" not in files:
+            continue
+        with open(os.path.join(dirpath, "estimates.json")) as f:
+            est = json.load(f)["mean"]
+        bench = {}
+        if "benchmark.json" in files:
+            with open(os.path.join(dirpath, "benchmark.json")) as f:
+                bench = json.load(f)
+        name = bench.get("full_id") or os.path.relpath(os.path.dirname(dirpath), root)
+        mean = est["point_estimate"]
+        ci = est["confidence_interval"]
+        thr = ""
+        t = bench.get("throughput") or {}
+        if "Bytes" in t:
+            thr = f"{t['Bytes'] / mean:.2f} GB/s"
+        elif "Elements" in t:
+            thr = f"{t['Elements'] / mean * 1e3:.0f} M elem/s"
+        rows.append((name, human_ns(mean), human_ns(ci["lower_bound"]), human_ns(ci["upper_bound"]), thr))
+    return rows
+
+
 def cmd_report(a):
     runs = load_runs(a.dir)
     summary = summarize_echo(runs)
@@ -627,6 +661,26 @@ def cmd_report(a):
           f"{fmt_int(g.get('gateway_rss_after_kib'))} KiB) | {fmt(r['server_cpu_secs'], 2)} | "
           f"connected {n}, failed {x.get('failed')}; kernel TCP buffer memory {fmt_int(kt)} KiB "
           "in all (idle sockets hold next to no buffers) |")
+    if "idle10k" in sc:
+        r = sc["idle10k"]
+        x = r.get("result") or {}
+        g = x.get("gateway") or {}
+        w(f"| idle | {x.get('connections', r['load'])} connections held, 1 load process | "
+          f"**{fmt_int(g.get('gateway_rss_per_conn_bytes'))} bytes of gateway RSS per connection** "
+          f"(RSS {fmt_int(g.get('gateway_rss_before_kib'))} → {fmt_int(g.get('gateway_rss_after_kib'))} KiB) "
+          f"| {fmt(r['server_cpu_secs'], 2)} | connected {x.get('connected')}, failed {x.get('failed')} |")
+    if "room" in sc:
+        r = sc["room"]
+        x = r.get("result") or {}
+        l_ = x.get("latency") or {}
+        members = (x.get("connections") or 1) - 1
+        sent = x.get("sent") or 0
+        w(f"| room | 1 publisher, {members} members on both cores, 10 publishes/s, "
+          f"{x.get('size')} B padding | **{fmt_int(x.get('msgs_per_sec'))} deliveries/s**; "
+          f"publish-to-member latency p50 {fmt(l_.get('p50_us'))} µs, p99 {fmt(l_.get('p99_us'))} µs, "
+          f"max {fmt(l_.get('max_us'))} µs (the max is the time for one publish to reach every member) | "
+          f"{fmt(r['server_cpu_secs'], 2)} | {sent} publishes; connected {x.get('connected')}, "
+          f"failed {x.get('failed')} |")
     if "direct" in sc:
         r = sc["direct"]
         x = r.get("result") or {}
@@ -657,6 +711,19 @@ def cmd_report(a):
             problems.append(f"`{name}`: {x['failed']} connection(s) failed")
         for line in r.get("server_stderr_tail") or []:
             problems.append(f"`{name}` server stderr: `{line[:200]}`")
+    crit = criterion_rows(a.criterion)
+    w("## Micro-benchmarks (criterion, `benches/hot_paths.rs`)")
+    w("")
+    if not crit:
+        w("_Not run in this mode (`scripts/bench.sh` without `--quick` runs "
+          "`cargo bench --bench hot_paths`)._")
+    else:
+        w("| Benchmark | Mean | 95% interval | Throughput |")
+        w("| --- | ---: | ---: | ---: |")
+        for name, mean, lo, hi, thr in crit:
+            w(f"| `{name}` | {mean} | {lo} – {hi} | {thr} |")
+    w("")
+
     w("## Anomalies")
     w("")
     if problems:
@@ -712,6 +779,7 @@ def main():
     for k in ("dir", "md", "mode", "command", "duration", "warmup", "wsgate-args"):
         p.add_argument("--" + k, required=True)
     p.add_argument("--built", type=int, required=True)
+    p.add_argument("--criterion", default="", help="criterion output dir (target/criterion)")
     for k in ("elapsed", "rounds", "threads", "workers"):
         p.add_argument("--" + k, type=int, required=True)
     p.set_defaults(fn=cmd_report)
