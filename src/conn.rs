@@ -96,6 +96,9 @@ const DIRTY: u8 = 8;
 const EXPIRED: u8 = 16;
 /// The user's owner refused the registration (per-user connection limit).
 const REFUSED: u8 = 32;
+/// The writer runs and the upgrade answer is queued: the sweeper may queue pings and judge
+/// idleness. Before that a connection is in the slab but still mid-handshake.
+const LIVE: u8 = 64;
 
 /// State of one connection shared by its reader, its writer and the core's router.
 pub(crate) struct ConnShared {
@@ -133,7 +136,7 @@ impl ConnShared {
     /// queue a due ping, close an idle connection with 4000, expire a stuck close.
     /// Returns true when it closed the connection for idleness.
     pub fn sweep(&self, now: Instant, ping_interval: Duration, idle_timeout: Duration) -> bool {
-        if self.has(DONE) {
+        if self.has(DONE) || !self.has(LIVE) {
             return false;
         }
         if let Some(deadline) = self.close_deadline.get() {
@@ -162,11 +165,13 @@ impl ConnShared {
         false
     }
 
-    /// Starts the ping schedule (at upgrade).
+    /// Starts the ping schedule once the upgrade answer is queued; before this the sweeper
+    /// leaves the connection alone, so nothing can precede the `101`.
     fn start_liveness(&self, ping_interval: Duration) {
         let now = Instant::now();
         self.last_seen.set(now);
         self.next_ping.set(now + ping_interval);
+        self.set(LIVE);
     }
 
     fn has(&self, f: u8) -> bool {
@@ -512,10 +517,11 @@ async fn upgrade(
             }
         }
     }
-    let max = usize::MAX;
-    conn.push(Bytes::from(http::switching_protocols(&accept)), max);
+    // The 101 and the welcome go straight to the writer, ahead of its queue: deliveries that
+    // reach the connection from now on (it is in the directory already) follow the welcome.
+    let mut handshake = http::switching_protocols(&accept);
     if let Some(user) = &user {
-        conn.push(protocol::welcome(user, &key.to_string()), max);
+        handshake.extend_from_slice(&protocol::welcome(user, &key.to_string()));
     }
     let session = Session {
         key,
@@ -533,7 +539,9 @@ async fn upgrade(
     };
     // The connection lives on in two small tasks; this one, with the HTTP request and the
     // upgrade's state, ends here so an idle connection does not keep them.
-    monoio::spawn(run_websocket(core, stream, conn, session, leftover));
+    monoio::spawn(run_websocket(
+        core, stream, conn, session, handshake, leftover,
+    ));
 }
 
 /// The reader task of an upgraded connection; spawns the writer and cleans up after both.
@@ -542,10 +550,16 @@ async fn run_websocket(
     stream: Rc<TcpStream>,
     conn: Rc<ConnShared>,
     mut session: Session,
+    handshake: Vec<u8>,
     leftover: Vec<u8>,
 ) {
     let key = session.key;
-    let writer = monoio::spawn(run_writer(core.clone(), stream.clone(), conn.clone()));
+    let writer = monoio::spawn(run_writer(
+        core.clone(),
+        stream.clone(),
+        conn.clone(),
+        handshake,
+    ));
     read_loop(&core, &stream, &conn, &mut session, leftover).await;
     conn.set_peer_closed();
     conn.request_close(CloseReq {
@@ -867,8 +881,21 @@ type WritableFuture = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 /// The connection's only writer: sends queued frames (pings included) and the close frame,
 /// and closes the socket exactly once when it returns. It holds no timer: deadlines come
 /// from the core's sweeper.
-async fn run_writer(core: Rc<Core>, stream: Rc<TcpStream>, conn: Rc<ConnShared>) {
+async fn run_writer(
+    core: Rc<Core>,
+    stream: Rc<TcpStream>,
+    conn: Rc<ConnShared>,
+    handshake: Vec<u8>,
+) {
     let fd = stream.as_raw_fd();
+    // First the upgrade answer (and welcome), before anything queued meanwhile.
+    if write_all(&stream, &handshake).await.is_err() {
+        conn.finish();
+        shutdown(fd);
+        return;
+    }
+    stats::add(&core.stats().bytes_out, handshake.len() as u64);
+    drop(handshake);
     let shutdown_timeout = core.config().shutdown_timeout;
     let mut head = 0usize;
     let mut close_queued: Option<CloseReq> = None;

@@ -655,3 +655,57 @@ fn epoll_fallback_serves_the_same_protocol() {
     assert_eq!(send_acked(&mut a, "b", json!([1, 2]), 1), 1);
     assert_eq!(b.recv_message(T).unwrap()["data"], json!([1, 2]));
 }
+
+/// Regression: the liveness sweeper must not queue anything on a connection whose upgrade has
+/// not been answered yet (a ping ahead of the 101 broke the handshake).
+#[test]
+fn no_frame_ever_precedes_the_upgrade_answer() {
+    // A 10 ms sweeper tick and many concurrent upgrades make the window likely.
+    let gw = Gateway::start(&["--ping-interval", "50ms", "--idle-timeout", "10s"]);
+    let addr = gw.addr;
+    thread::scope(|s| {
+        for t in 0..8 {
+            s.spawn(move || {
+                for i in 0..60 {
+                    let c = Client::connect(addr, &format!("h{t}-{i}"))
+                        .unwrap_or_else(|e| panic!("upgrade {t}/{i}: {e}"));
+                    c.abort();
+                }
+            });
+        }
+    });
+}
+
+/// Regression: a connection is routable (in the directory) a moment before its welcome is
+/// written; deliveries arriving then must follow the 101 and the welcome, never precede them.
+#[test]
+fn deliveries_racing_a_new_connection_follow_its_welcome() {
+    let gw = Gateway::start(&[]);
+    let addr = gw.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut s = Client::connect(addr, "flooder").unwrap();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                s.send_to("target", json!(i), None).unwrap();
+                i += 1;
+            }
+        })
+    };
+    thread::scope(|s| {
+        for t in 0..4 {
+            s.spawn(move || {
+                for i in 0..50 {
+                    // connect() fails unless the 101 and then the welcome come first.
+                    let c = Client::connect(addr, "target")
+                        .unwrap_or_else(|e| panic!("connect {t}/{i}: {e}"));
+                    c.abort();
+                }
+            });
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+}
