@@ -539,7 +539,8 @@ fn rate_limit_answers_then_closes_persistent_abuse() {
             _ => panic!("{v}"),
         }
     }
-    assert!((5..=6).contains(&acks), "acks {acks}");
+    // The burst of 5, plus what the 5/s refill allows while the 20 are in flight.
+    assert!((5..=8).contains(&acks), "acks {acks}");
     assert_eq!(acks + limited, 20);
     // Keeps going far over the limit: closed with 1008.
     for i in 0..100 {
