@@ -459,29 +459,16 @@ impl Core {
 
     /// On the owner: fan out to the user's connections, one `Deliver` per remote core.
     fn route_owned(&self, user: &str, frame: Bytes, reply: Option<Reply>) {
-        let keys: KeyList = self
-            .directory
-            .borrow()
-            .get(user)
-            .cloned()
-            .unwrap_or_default();
+        let keys = self.user_keys(user);
         let delivered = keys.len() as u64;
-        for group in keys.chunk_by(|a, b| a.core() == b.core()) {
-            let core = group[0].core();
-            if core == self.id {
-                for key in group {
-                    self.deliver_local(*key, frame.clone());
-                }
-            } else {
-                self.post(
-                    core,
-                    CoreMsg::Deliver {
-                        keys: group.iter().copied().collect(),
-                        frame: frame.clone(),
-                    },
-                );
-            }
-        }
+        self.per_core(
+            &keys,
+            |key| self.deliver_local(key, frame.clone()),
+            |keys| CoreMsg::Deliver {
+                keys,
+                frame: frame.clone(),
+            },
+        );
         stats::add(&self.stats().deliveries, delivered);
         if let Some(reply) = reply {
             self.complete(reply, delivered);
@@ -736,28 +723,41 @@ impl Core {
 
     /// On the owner: closes every connection of `user` with 1008; returns how many.
     fn disconnect_owned(&self, user: &str) -> u64 {
-        let keys: KeyList = self
-            .directory
+        let keys = self.user_keys(user);
+        self.per_core(
+            &keys,
+            |key| self.kick_local(key),
+            |keys| CoreMsg::Kick { keys },
+        );
+        keys.len() as u64
+    }
+
+    /// On the owner: a copy of `user`'s keys (the directory stays unborrowed while they are
+    /// acted on), sorted so that each core's keys are contiguous.
+    fn user_keys(&self, user: &str) -> KeyList {
+        self.directory
             .borrow()
             .get(user)
             .cloned()
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Acts on each key of this core with `local`, and sends each other core one message
+    /// made by `remote` from its keys.
+    fn per_core(
+        &self,
+        keys: &[ConnKey],
+        local: impl Fn(ConnKey),
+        remote: impl Fn(SmallVec<[ConnKey; 4]>) -> CoreMsg,
+    ) {
         for group in keys.chunk_by(|a, b| a.core() == b.core()) {
             let core = group[0].core();
             if core == self.id {
-                for key in group {
-                    self.kick_local(*key);
-                }
+                group.iter().copied().for_each(&local);
             } else {
-                self.post(
-                    core,
-                    CoreMsg::Kick {
-                        keys: group.iter().copied().collect(),
-                    },
-                );
+                self.post(core, remote(group.iter().copied().collect()));
             }
         }
-        keys.len() as u64
     }
 
     fn kick_local(&self, key: ConnKey) {

@@ -17,7 +17,9 @@ pub fn opts(name: &str) -> Opts {
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let usage = |msg: &str| -> ! {
-        eprintln!("{name}: {msg}\nusage: {name} [--listen ADDR (127.0.0.1:0)] [--threads N (CPUs)]");
+        eprintln!(
+            "{name}: {msg}\nusage: {name} [--listen ADDR (127.0.0.1:0)] [--threads N (CPUs)]"
+        );
         std::process::exit(2)
     };
     let mut args = std::env::args().skip(1);
@@ -80,4 +82,27 @@ pub async fn bind(addr: SocketAddr) -> tokio::net::TcpListener {
 /// Accepted sockets get TCP_NODELAY, like wsgate's and wsgate-bench's.
 pub fn nodelay(s: &tokio::net::TcpStream) {
     let _ = s.set_nodelay(true);
+}
+
+/// The whole server loop every peer shares: options, runtime, listener, then each accepted
+/// socket (with TCP_NODELAY) handed to `serve` on its own task. Accept errors (EMFILE under a
+/// connection storm) back off briefly and the loop goes on.
+pub fn serve_forever<F, Fut>(name: &str, serve: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let o = opts(name);
+    runtime(o.threads).block_on(async move {
+        let listener = bind(o.listen).await;
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    nodelay(&s);
+                    tokio::spawn(serve(s));
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        }
+    });
 }

@@ -13,26 +13,12 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 
 fn main() {
-    let o = wsgate_peers::opts("peer-fastwebsockets");
-    wsgate_peers::runtime(o.threads).block_on(async move {
-        let listener = wsgate_peers::bind(o.listen).await;
-        loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                    continue;
-                }
-            };
-            wsgate_peers::nodelay(&stream);
-            tokio::spawn(async move {
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = http1::Builder::new()
-                    .serve_connection(io, service_fn(server_upgrade))
-                    .with_upgrades()
-                    .await;
-            });
-        }
+    wsgate_peers::serve_forever("peer-fastwebsockets", |stream| async move {
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let _ = http1::Builder::new()
+            .serve_connection(io, service_fn(server_upgrade))
+            .with_upgrades()
+            .await;
     });
 }
 

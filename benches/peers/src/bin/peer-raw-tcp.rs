@@ -21,18 +21,7 @@ use tokio::net::TcpStream;
 const BUF: usize = 64 * 1024;
 
 fn main() {
-    let o = wsgate_peers::opts("peer-raw-tcp");
-    wsgate_peers::runtime(o.threads).block_on(async move {
-        let listener = wsgate_peers::bind(o.listen).await;
-        loop {
-            match listener.accept().await {
-                Ok((s, _)) => {
-                    tokio::spawn(serve(s));
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
-            }
-        }
-    });
+    wsgate_peers::serve_forever("peer-raw-tcp", serve);
 }
 
 async fn serve(mut s: TcpStream) {
@@ -54,7 +43,9 @@ async fn serve(mut s: TcpStream) {
     };
     let Some(key) = header(&buf[..head_end], "sec-websocket-key") else {
         let _ = s
-            .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
             .await;
         return;
     };

@@ -16,19 +16,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 fn main() {
-    let o = wsgate_peers::opts("peer-tokio-tungstenite");
-    wsgate_peers::runtime(o.threads).block_on(async move {
-        let listener = wsgate_peers::bind(o.listen).await;
-        loop {
-            match listener.accept().await {
-                Ok((s, _)) => {
-                    tokio::spawn(serve(s));
-                }
-                // E.g. EMFILE under a connection storm: back off briefly, keep serving.
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
-            }
-        }
-    });
+    wsgate_peers::serve_forever("peer-tokio-tungstenite", serve);
 }
 
 async fn serve(s: TcpStream) {
@@ -58,10 +46,7 @@ async fn serve(s: TcpStream) {
 }
 
 /// Feeds a data message back; returns false once the connection is done.
-async fn echo(
-    ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
-    m: Message,
-) -> bool {
+async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, m: Message) -> bool {
     match m {
         Message::Text(_) | Message::Binary(_) => ws.feed(m).await.is_ok(),
         Message::Close(_) => false,
