@@ -207,40 +207,30 @@ for round in $(seq "$rounds"); do
 done
 
 echo "== gateway scenarios" >&2
-start_server wsgate
-echo "   connect: $connect_conns connections" >&2
-measure scenario-connect connect wsgate "$connect_conns" 1 -- connect \
-  --target "$srv_addr" --connections "$connect_conns" --gateway-pid "$srv_pid" \
-  --duration 1s --warmup 0s --threads "$threads"
-stop_server
-
-start_server wsgate
-echo "   idle: $idle_conns connections (2 processes, 2 source addresses)" >&2
-measure scenario-idle idle wsgate "$idle_conns" 1 -- idle \
-  --target "$srv_addr" --connections "$idle_conns" --processes 2 --source-addrs 2 \
-  --gateway-pid "$srv_pid" --duration "$duration" --warmup "$warmup"
-stop_server
-
-start_server wsgate
-echo "   idle: $idle10k_conns connections (1 process)" >&2
-measure scenario-idle10k idle10k wsgate "$idle10k_conns" 1 -- idle \
-  --target "$srv_addr" --connections "$idle10k_conns" \
-  --gateway-pid "$srv_pid" --duration "$duration" --warmup "$warmup"
-stop_server
-
-start_server wsgate
-echo "   room: 1 publisher + $room_members members, 10 publishes/s" >&2
-measure scenario-room room wsgate "$room_members" 1 -- room \
-  --target "$srv_addr" --connections "$((room_members + 1))" --rate 10 \
+# scenario NAME LOAD DESCRIPTION -- WSGATE-BENCH-ARGS: on a fresh gateway, which the function
+# names to the load generator with --target (and --gateway-pid where the args ask for @PID).
+scenario() {
+  local name=$1 load=$2 desc=$3
+  shift 4
+  start_server wsgate
+  echo "   $name: $desc" >&2
+  local args=()
+  for a in "$@"; do [ "$a" = @PID ] && args+=("$srv_pid") || args+=("$a"); done
+  measure "scenario-$name" "$name" wsgate "$load" 1 -- "${args[0]}" --target "$srv_addr" "${args[@]:1}"
+  stop_server
+}
+scenario connect "$connect_conns" "$connect_conns connections" -- connect \
+  --connections "$connect_conns" --gateway-pid @PID --duration 1s --warmup 0s --threads "$threads"
+scenario idle "$idle_conns" "$idle_conns connections (2 processes, 2 source addresses)" -- idle \
+  --connections "$idle_conns" --processes 2 --source-addrs 2 \
+  --gateway-pid @PID --duration "$duration" --warmup "$warmup"
+scenario idle10k "$idle10k_conns" "$idle10k_conns connections (1 process)" -- idle \
+  --connections "$idle10k_conns" --gateway-pid @PID --duration "$duration" --warmup "$warmup"
+scenario room "$room_members" "1 publisher + $room_members members, 10 publishes/s" -- room \
+  --connections "$((room_members + 1))" --rate 10 \
   --duration "$duration" --warmup "$warmup" --threads "$threads"
-stop_server
-
-start_server wsgate
-echo "   direct: $direct_conns connections, window 8" >&2
-measure scenario-direct direct wsgate "$direct_conns" 1 -- direct \
-  --target "$srv_addr" --connections "$direct_conns" --window 8 \
-  --duration "$duration" --warmup "$warmup" --threads "$threads"
-stop_server
+scenario direct "$direct_conns" "$direct_conns connections, window 8" -- direct \
+  --connections "$direct_conns" --window 8 --duration "$duration" --warmup "$warmup" --threads "$threads"
 
 crit_dir=
 if [ "$quick" != 1 ]; then

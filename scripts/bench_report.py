@@ -321,6 +321,17 @@ def legend(body, items, x, y):
         body.append(f'<text x="{xx + 17}" y="{y}">{html.escape(label)}</text>')
 
 
+def finish_chart(path, body, geom, ylabel, caption, title):
+    """The part every chart shares: y-axis label, legend, caption, and the file."""
+    w, h, left, top, ph = geom
+    body.append(f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" '
+                f'text-anchor="middle">{ylabel}</text>')
+    legend(body, [(LABELS[s], COLORS[s]) for s in SERVERS], left, top + ph + 40)
+    body.append(f'<text x="{left}" y="{top + ph + 70}" font-size="10" fill="#555">{caption}</text>')
+    with open(path, "w") as f:
+        f.write(svg_doc(w, h, body, title))
+
+
 def chart_throughput(summary, path):
     pw, ph, left, top, gap = 250, 260, 60, 60, 30
     loads = [l for l in LOADS if any((l, s) in summary for s in SERVERS)]
@@ -358,13 +369,9 @@ def chart_throughput(summary, path):
             body.append(f'<text x="{bx + bw / 2:.1f}" y="{top + ph - ph * label_at / vmax - 5:.1f}" '
                         f'text-anchor="middle" font-size="10">{short(m)}</text>')
         body.append(f'<line x1="{x0}" y1="{top + ph}" x2="{x0 + pw}" y2="{top + ph}" stroke="black"/>')
-    body.append(f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" '
-                f'text-anchor="middle">messages / s (echoed)</text>')
-    legend(body, [(LABELS[s], COLORS[s]) for s in SERVERS], left, top + ph + 40)
-    body.append(f'<text x="{left}" y="{top + ph + 70}" font-size="10" fill="#555">Median over rounds; '
-                f"whiskers: min–max. Closed loop, one message in flight per connection.</text>")
-    with open(path, "w") as f:
-        f.write(svg_doc(w, h, body, "Echo throughput (higher is better)"))
+    finish_chart(path, body, (w, h, left, top, ph), "messages / s (echoed)",
+                 "Median over rounds; whiskers: min–max. Closed loop, one message in flight per connection.",
+                 "Echo throughput (higher is better)")
 
 
 def chart_latency(summary, path):
@@ -417,13 +424,9 @@ def chart_latency(summary, path):
                             f'fill="{COLORS[s]}" fill-opacity="{op}"><title>{LABELS[s]} {qname}: '
                             f"{val:,.1f} µs</title></rect>")
         body.append(f'<line x1="{x0}" y1="{top + ph}" x2="{x0 + pw}" y2="{top + ph}" stroke="black"/>')
-    body.append(f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" '
-                f'text-anchor="middle">round-trip latency (log scale)</text>')
-    legend(body, [(LABELS[s], COLORS[s]) for s in SERVERS], left, top + ph + 40)
-    body.append(f'<text x="{left}" y="{top + ph + 70}" font-size="10" fill="#555">Per server, three bars: '
-                f"p50 (solid), p99, p99.9 (lighter). Medians over rounds.</text>")
-    with open(path, "w") as f:
-        f.write(svg_doc(w, h, body, "Echo latency percentiles (lower is better)"))
+    finish_chart(path, body, (w, h, left, top, ph), "round-trip latency (log scale)",
+                 "Per server, three bars: p50 (solid), p99, p99.9 (lighter). Medians over rounds.",
+                 "Echo latency percentiles (lower is better)")
 
 
 # ---- markdown ------------------------------------------------------------------------
