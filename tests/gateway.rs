@@ -321,15 +321,17 @@ fn order_is_kept_per_sender_across_workers() {
 #[test]
 fn bad_input_is_answered_and_isolated() {
     let gw = Gateway::start(&["--max-message-size", "1024"]);
-    let addr = gw.addr;
     let stop = Arc::new(AtomicBool::new(false));
+    // Both connected (welcomed, so routable) before anything else happens: the bad client
+    // below sends to pair-a and expects `delivered: 1`.
+    let mut a = gw.connect("pair-a");
+    let mut b = gw.connect("pair-b");
     let pair = {
         let stop = stop.clone();
         thread::spawn(move || {
-            let mut a = Client::connect(addr, "pair-a").unwrap();
-            let mut b = Client::connect(addr, "pair-b").unwrap();
             let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
+            // At least a few exchanges however fast the misbehaving side finishes.
+            while i < 20 || !stop.load(Ordering::Relaxed) {
                 assert_eq!(send_acked(&mut a, "pair-b", json!(i), i), 1);
                 assert_eq!(b.recv_message(T).unwrap()["data"], i);
                 i += 1;
