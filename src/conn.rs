@@ -1,13 +1,16 @@
-//! One TCP connection's life: HTTP request(s), the WebSocket upgrade, then exactly one reader
-//! (this task) and exactly one writer task.
+//! One TCP connection's life: HTTP request(s), the WebSocket upgrade, then exactly one task,
+//! [`run_connection`], which is the connection's reader and its only writer.
 //!
-//! * The **writer** owns the socket's write side and is the only code that writes after the
-//!   upgrade and the only code that shuts the socket down, exactly once, as its last act.
-//!   Everyone else (reader, router, shutdown, idle check) puts frames or a close request in the
-//!   connection's bounded queue ([`ConnShared`]).
-//! * The **reader** waits for readiness without a buffer (an io_uring poll or epoll), reads into
-//!   the core's scratch buffer, and keeps only an unfinished frame. It never writes: pongs and
-//!   close replies it owes go to the writer's queue.
+//! * **Writing**: that task owns the socket's write side. It is the only code that writes
+//!   after the upgrade answer and the only code that shuts the socket down, exactly once, as
+//!   its last act. Everyone else (the router, shutdown, the idle check, and the task's own
+//!   reading half) puts frames or a close request in the connection's bounded queue
+//!   ([`ConnShared`]) and wakes it.
+//! * **Reading**: the same task waits for readiness without a buffer (an io_uring poll or
+//!   epoll), reads into the core's scratch buffer, and keeps only an unfinished frame. Pongs
+//!   and close replies it owes go through the queue like everything else.
+//! * One task rather than a reader and a writer: an idle connection then holds one task's
+//!   state, not two (about 500 bytes less each; see BENCHMARKS.md).
 //! * Liveness: the core's sweeper (see [`ConnShared::sweep`]) queues a ping every
 //!   `ping_interval` and closes with 4000 a connection with nothing received for
 //!   `idle_timeout`. There is no read timeout on a WebSocket, and no timer per connection.
@@ -106,8 +109,9 @@ pub(crate) struct ConnShared {
     queued_bytes: Cell<usize>,
     close: Cell<Option<CloseReq>>,
     flags: Cell<u8>,
-    writer_waker: Cell<Option<Waker>>,
-    reader_waker: Cell<Option<Waker>>,
+    /// The task driving the connection: the upgrade while it waits for the registration,
+    /// then the connection's task.
+    waker: Cell<Option<Waker>>,
     last_seen: Cell<Instant>,
     next_ping: Cell<Instant>,
     /// Set once a close frame is queued: when the writer gives up waiting.
@@ -123,8 +127,7 @@ impl ConnShared {
             queued_bytes: Cell::new(0),
             close: Cell::new(None),
             flags: Cell::new(0),
-            writer_waker: Cell::new(None),
-            reader_waker: Cell::new(None),
+            waker: Cell::new(None),
             last_seen: Cell::new(Instant::now()),
             next_ping: Cell::new(Instant::now()),
             close_deadline: Cell::new(None),
@@ -184,7 +187,7 @@ impl ConnShared {
 
     fn notify_writer(&self) {
         self.set(DIRTY);
-        if let Some(w) = self.writer_waker.take() {
+        if let Some(w) = self.waker.take() {
             w.wake();
         }
     }
@@ -214,7 +217,7 @@ impl ConnShared {
         self.notify_writer();
     }
 
-    /// The reader saw the peer's close frame or the end of the stream.
+    /// The peer's close frame or the end of the stream arrived.
     fn set_peer_closed(&self) {
         self.set(PEER_CLOSED);
         self.notify_writer();
@@ -223,14 +226,14 @@ impl ConnShared {
     /// The directory has this connection (it may be welcomed), or refused it (`ok` false).
     pub fn set_registered(&self, ok: bool) {
         self.set(if ok { REGISTERED } else { REGISTERED | REFUSED });
-        if let Some(w) = self.reader_waker.take() {
+        if let Some(w) = self.waker.take() {
             w.wake();
         }
     }
 
     /// Waits for the owner's answer; true when registered.
     async fn registered(&self) -> bool {
-        wait_until(&self.reader_waker, || self.has(REGISTERED)).await;
+        wait_until(&self.waker, || self.has(REGISTERED)).await;
         !self.has(REFUSED)
     }
 
@@ -517,13 +520,22 @@ async fn upgrade(
             }
         }
     }
-    // The 101 and the welcome go straight to the writer, ahead of its queue: deliveries that
-    // reach the connection from now on (it is in the directory already) follow the welcome.
+    // The 101 and the welcome go out first, straight to the socket: deliveries that reach the
+    // connection from now on (it is in the directory already) wait in its queue behind them.
     let mut handshake = http::switching_protocols(&accept);
     if let Some(user) = &user {
         handshake.extend_from_slice(&protocol::welcome(user, &key.to_string()));
     }
-    let session = Session {
+    if write_all(&stream, &handshake).await.is_err() {
+        conn.finish();
+        core.remove_conn(key);
+        shutdown(stream.as_raw_fd());
+        return;
+    }
+    stats::add(&core.stats().bytes_out, handshake.len() as u64);
+    drop(handshake);
+    conn.start_liveness(core.config().ping_interval);
+    let mut session = Session {
         key,
         user,
         echo,
@@ -537,38 +549,16 @@ async fn upgrade(
             })
         }),
     };
-    // The connection lives on in two small tasks; this one, with the HTTP request and the
+    // Frames the client sent right behind its upgrade request.
+    let mut leftover = leftover;
+    if !leftover.is_empty() {
+        conn.touch();
+        session.feed(&core, &conn, &mut leftover);
+    }
+    drop(leftover);
+    // The connection lives on in one small task; this one, with the HTTP request and the
     // upgrade's state, ends here so an idle connection does not keep them.
-    monoio::spawn(run_websocket(
-        core, stream, conn, session, handshake, leftover,
-    ));
-}
-
-/// The reader task of an upgraded connection; spawns the writer and cleans up after both.
-async fn run_websocket(
-    core: Rc<Core>,
-    stream: Rc<TcpStream>,
-    conn: Rc<ConnShared>,
-    mut session: Session,
-    handshake: Vec<u8>,
-    leftover: Vec<u8>,
-) {
-    let key = session.key;
-    let writer = monoio::spawn(run_writer(
-        core.clone(),
-        stream.clone(),
-        conn.clone(),
-        handshake,
-    ));
-    read_loop(&core, &stream, &conn, &mut session, leftover).await;
-    conn.set_peer_closed();
-    conn.request_close(CloseReq {
-        code: None,
-        reason: "",
-        kind: CloseKind::Abort,
-    });
-    writer.await;
-    core.remove_conn(key);
+    monoio::spawn(run_connection(core, stream, conn, session));
 }
 
 /// With `--allowed-origins`, an upgrade carrying an `Origin` must name one of them.
@@ -674,42 +664,26 @@ impl RateLimiter {
     }
 }
 
-async fn read_loop(
-    core: &Core,
-    stream: &TcpStream,
-    conn: &ConnShared,
-    session: &mut Session,
-    mut leftover: Vec<u8>,
-) {
-    let fd = stream.as_raw_fd();
-    if !leftover.is_empty() {
-        conn.touch();
-        session.feed(core, conn, &mut leftover);
-    }
-    drop(leftover);
-    loop {
-        if stream.readable(false).await.is_err() {
-            return;
-        }
+impl Session {
+    /// One `recv` into the core's scratch buffer, fed to the decoder. False at the end of the
+    /// stream (or on a socket error).
+    fn read(&mut self, core: &Core, conn: &ConnShared, fd: RawFd) -> bool {
         let mut scratch = core.scratch.borrow_mut();
         match recv(fd, &mut scratch) {
-            Ok(0) => return,
+            Ok(0) => false,
             Ok(n) => {
                 conn.touch();
                 stats::add(&core.stats().bytes_in, n as u64);
-                session.feed(core, conn, &mut scratch[..n]);
+                self.feed(core, conn, &mut scratch[..n]);
+                true
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
-            Err(_) => return,
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ),
         }
     }
-}
 
-impl Session {
     fn feed(&mut self, core: &Core, conn: &ConnShared, data: &mut [u8]) {
         match self.state {
             ReadState::Closed => {}
@@ -867,43 +841,49 @@ impl Session {
     }
 }
 
-// ---- writer --------------------------------------------------------------------------------
+// ---- the connection's task ----------------------------------------------------------------
 
+/// What woke the connection's task.
 enum Event {
     /// The queue, a close request, a deadline or the peer's state changed.
     Work,
+    /// The socket has bytes to read (or failed).
+    Readable(io::Result<()>),
     /// The socket can take more bytes (or failed).
     Writable(io::Result<()>),
 }
 
 type WritableFuture = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 
-/// The connection's only writer: sends queued frames (pings included) and the close frame,
-/// and closes the socket exactly once when it returns. It holds no timer: deadlines come
-/// from the core's sweeper.
-async fn run_writer(
+/// A close in progress: its frame is queued.
+#[derive(Clone, Copy)]
+struct Closing {
+    req: CloseReq,
+    /// The close frame has left.
+    sent: bool,
+    started: Instant,
+    /// The latest the close may end, however slowly the peer keeps draining.
+    cap: Instant,
+}
+
+/// The connection after the upgrade answer: reads and interprets the peer's frames, and, as
+/// its only writer, sends queued frames (pings included) and the close frame, and shuts the
+/// socket exactly once when it returns. It holds no timer: deadlines come from the core's
+/// sweeper.
+async fn run_connection(
     core: Rc<Core>,
     stream: Rc<TcpStream>,
     conn: Rc<ConnShared>,
-    handshake: Vec<u8>,
+    mut session: Session,
 ) {
     let fd = stream.as_raw_fd();
-    // First the upgrade answer (and welcome), before anything queued meanwhile.
-    if write_all(&stream, &handshake).await.is_err() {
-        conn.finish();
-        shutdown(fd);
-        return;
-    }
-    stats::add(&core.stats().bytes_out, handshake.len() as u64);
-    drop(handshake);
-    let shutdown_timeout = core.config().shutdown_timeout;
     let mut head = 0usize;
-    let mut close_queued: Option<CloseReq> = None;
-    let mut close_sent = false;
-    let mut close_started = Instant::now();
-    let mut close_cap = close_started;
+    let mut closing: Option<Closing> = None;
+    let mut reading = true;
+    // Rarely needed (a full socket buffer), so boxed: an idle connection does not carry it.
     let mut writable: Option<WritableFuture> = None;
-    conn.start_liveness(core.config().ping_interval);
+    // Always armed while reading; kept across wake-ups so a delivery does not cancel it.
+    let mut readable = std::pin::pin!(stream.readable(false));
 
     'run: loop {
         conn.flags.set(conn.flags.get() & !DIRTY);
@@ -912,7 +892,7 @@ async fn run_writer(
         }
 
         // A close request becomes a close frame at the end of the queue.
-        if close_queued.is_none() {
+        if closing.is_none() {
             if let Some(req) = conn.close.get() {
                 match req.kind {
                     CloseKind::Abort => break 'run,
@@ -924,17 +904,20 @@ async fn run_writer(
                     None => Bytes::from_static(&[0x88, 0x00]),
                 };
                 conn.push_unbounded(frame);
-                close_queued = Some(req);
                 // Shutdown may flush a full queue to every client at once: it gets the
                 // shutdown budget. Every other close is bounded by CLOSE_WAIT.
                 let wait = if req.code == Some(1001) {
-                    shutdown_timeout
+                    core.config().shutdown_timeout
                 } else {
                     CLOSE_WAIT
                 };
                 let now = Instant::now();
-                close_started = now;
-                close_cap = now + wait.max(CLOSE_MAX);
+                closing = Some(Closing {
+                    req,
+                    sent: false,
+                    started: now,
+                    cap: now + wait.max(CLOSE_MAX),
+                });
                 conn.close_deadline.set(Some(now + wait));
             }
         }
@@ -947,9 +930,11 @@ async fn run_writer(
                         stats::add(&core.stats().bytes_out, n as u64);
                         // A peer still taking bytes is slow, not dead: the close frame queued
                         // behind them gets more time, up to the cap.
-                        if close_queued.is_some() && close_started.elapsed() > CLOSE_WAIT / 4 {
-                            let later = (Instant::now() + CLOSE_WAIT).min(close_cap);
-                            conn.close_deadline.set(Some(later));
+                        if let Some(c) = closing {
+                            if c.started.elapsed() > CLOSE_WAIT / 4 {
+                                let later = (Instant::now() + CLOSE_WAIT).min(c.cap);
+                                conn.close_deadline.set(Some(later));
+                            }
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -963,14 +948,14 @@ async fn run_writer(
             }
         }
 
-        if let Some(req) = close_queued {
-            if !close_sent && conn.queue.borrow().is_empty() {
-                close_sent = true;
-                if matches!(req.kind, CloseKind::Reply | CloseKind::Fail) {
+        if let Some(c) = closing.as_mut() {
+            if !c.sent && conn.queue.borrow().is_empty() {
+                c.sent = true;
+                if matches!(c.req.kind, CloseKind::Reply | CloseKind::Fail) {
                     break 'run;
                 }
             }
-            if close_sent && conn.has(PEER_CLOSED) {
+            if c.sent && conn.has(PEER_CLOSED) {
                 break 'run;
             }
         }
@@ -985,17 +970,38 @@ async fn run_writer(
                     return Poll::Ready(Event::Writable(r));
                 }
             }
-            conn.writer_waker.set(Some(cx.waker().clone()));
+            if reading {
+                if let Poll::Ready(r) = readable.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Readable(r));
+                }
+            }
+            conn.waker.set(Some(cx.waker().clone()));
             Poll::Pending
         })
         .await;
 
-        if let Event::Writable(Err(_)) = event {
-            break 'run;
+        match event {
+            Event::Work | Event::Writable(Ok(())) => {}
+            Event::Writable(Err(_)) => break 'run,
+            Event::Readable(r) => {
+                readable.set(stream.readable(false));
+                if r.is_err() || !session.read(&core, &conn, fd) {
+                    // The peer is gone (or sent its close frame and then the end of the
+                    // stream): nothing more to write.
+                    reading = false;
+                    conn.set_peer_closed();
+                    conn.request_close(CloseReq {
+                        code: None,
+                        reason: "",
+                        kind: CloseKind::Abort,
+                    });
+                }
+            }
         }
     }
-    let code = close_queued.map(|r| r.code.unwrap_or(1005));
+    let code = closing.map(|c| c.req.code.unwrap_or(1005));
     core.stats().count_close(code);
     conn.finish();
     shutdown(fd);
+    core.remove_conn(session.key);
 }
