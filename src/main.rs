@@ -9,6 +9,14 @@ use tracing_subscriber::EnvFilter;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // No transparent huge pages: mimalloc advises them on its arenas, and a 2 MiB page is
+    // resident in full as soon as one byte of it is touched. For a heap of many small
+    // long-lived objects that costs more than half of an idle connection's memory (measured:
+    // 1,245 instead of ~2,700 bytes per idle connection, BENCHMARKS.md). Best effort.
+    // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag on this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
     let config = match wsgate::Config::load() {
         Ok(c) => c,
         Err(e) => {
