@@ -91,6 +91,43 @@ impl CloseReq {
     }
 }
 
+/// A point in time in milliseconds since the process first asked: 8 bytes where an `Instant`
+/// takes 16, for the four times every connection keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Millis(u64);
+
+impl Millis {
+    /// Never reached: an unset deadline.
+    pub const NEVER: Millis = Millis(u64::MAX);
+
+    fn epoch() -> Instant {
+        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *EPOCH.get_or_init(Instant::now)
+    }
+
+    pub fn now() -> Self {
+        Self::from(Instant::now())
+    }
+
+    /// `d` later (saturating at [`Millis::NEVER`]).
+    pub fn after(self, d: Duration) -> Self {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Millis(self.0.saturating_add(ms))
+    }
+
+    /// How long after `earlier` this is (zero if it is not later).
+    pub fn since(self, earlier: Millis) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl From<Instant> for Millis {
+    fn from(t: Instant) -> Self {
+        let ms = t.saturating_duration_since(Self::epoch()).as_millis();
+        Millis(u64::try_from(ms).unwrap_or(u64::MAX - 1))
+    }
+}
+
 const REGISTERED: u8 = 1;
 const PEER_CLOSED: u8 = 2;
 const DONE: u8 = 4;
@@ -112,12 +149,12 @@ pub(crate) struct ConnShared {
     /// The task driving the connection: the upgrade while it waits for the registration,
     /// then the connection's task.
     waker: Cell<Option<Waker>>,
-    last_seen: Cell<Instant>,
-    next_ping: Cell<Instant>,
+    last_seen: Cell<Millis>,
+    next_ping: Cell<Millis>,
     /// Set once a close frame is queued: when the writer gives up waiting.
-    close_deadline: Cell<Option<Instant>>,
+    close_deadline: Cell<Millis>,
     /// When the connection's token expires (closed with 1008 then).
-    expires_at: Cell<Option<Instant>>,
+    expires_at: Cell<Millis>,
 }
 
 impl ConnShared {
@@ -128,21 +165,22 @@ impl ConnShared {
             close: Cell::new(None),
             flags: Cell::new(0),
             waker: Cell::new(None),
-            last_seen: Cell::new(Instant::now()),
-            next_ping: Cell::new(Instant::now()),
-            close_deadline: Cell::new(None),
-            expires_at: Cell::new(None),
+            last_seen: Cell::new(Millis::NEVER),
+            next_ping: Cell::new(Millis::NEVER),
+            close_deadline: Cell::new(Millis::NEVER),
+            expires_at: Cell::new(Millis::NEVER),
         }
     }
 
     /// One liveness check, run by the core's sweeper for every upgraded connection:
     /// queue a due ping, close an idle connection with 4000, expire a stuck close.
     /// Returns true when it closed the connection for idleness.
-    pub fn sweep(&self, now: Instant, ping_interval: Duration, idle_timeout: Duration) -> bool {
+    pub fn sweep(&self, now: Millis, ping_interval: Duration, idle_timeout: Duration) -> bool {
         if self.has(DONE) || !self.has(LIVE) {
             return false;
         }
-        if let Some(deadline) = self.close_deadline.get() {
+        let deadline = self.close_deadline.get();
+        if deadline != Millis::NEVER {
             if now >= deadline && !self.has(EXPIRED) {
                 self.set(EXPIRED);
                 self.notify_writer();
@@ -152,16 +190,16 @@ impl ConnShared {
         if self.close.get().is_some() {
             return false;
         }
-        if self.expires_at.get().is_some_and(|t| now >= t) {
+        if now >= self.expires_at.get() {
             self.request_close(CloseReq::initiate(1008, "token expired", true));
             return false;
         }
-        if now.saturating_duration_since(self.last_seen.get()) >= idle_timeout {
+        if now.since(self.last_seen.get()) >= idle_timeout {
             self.request_close(CloseReq::initiate(4000, "idle timeout", false));
             return true;
         }
         if now >= self.next_ping.get() {
-            self.next_ping.set(now + ping_interval);
+            self.next_ping.set(now.after(ping_interval));
             self.push_unbounded(codec::ping());
             self.notify_writer();
         }
@@ -171,9 +209,9 @@ impl ConnShared {
     /// Starts the ping schedule once the upgrade answer is queued; before this the sweeper
     /// leaves the connection alone, so nothing can precede the `101`.
     fn start_liveness(&self, ping_interval: Duration) {
-        let now = Instant::now();
+        let now = Millis::now();
         self.last_seen.set(now);
-        self.next_ping.set(now + ping_interval);
+        self.next_ping.set(now.after(ping_interval));
         self.set(LIVE);
     }
 
@@ -238,7 +276,7 @@ impl ConnShared {
     }
 
     fn touch(&self) {
-        self.last_seen.set(Instant::now());
+        self.last_seen.set(Millis::now());
     }
 
     /// Drops queued frames the writer has not started (keeps a half-written front frame).
@@ -482,7 +520,7 @@ async fn upgrade(
     }
     let conn = Rc::new(ConnShared::new());
     if let Some(left) = expires {
-        conn.expires_at.set(Some(Instant::now() + left));
+        conn.expires_at.set(Millis::now().after(left));
     }
     let inserted = core.conns.borrow_mut().insert(ConnEntry {
         user: user.clone(),
@@ -870,138 +908,146 @@ struct Closing {
 /// its only writer, sends queued frames (pings included) and the close frame, and shuts the
 /// socket exactly once when it returns. It holds no timer: deadlines come from the core's
 /// sweeper.
-async fn run_connection(
+///
+/// A function returning an `async move` block rather than an `async fn`: an async fn keeps a
+/// second copy of its arguments in its state (rust-lang/rust#62958), 130 bytes per idle
+/// connection here.
+#[allow(clippy::manual_async_fn)]
+fn run_connection(
     core: Rc<Core>,
     stream: Rc<TcpStream>,
     conn: Rc<ConnShared>,
     mut session: Session,
-) {
-    let fd = stream.as_raw_fd();
-    let mut head = 0usize;
-    let mut closing: Option<Closing> = None;
-    let mut reading = true;
-    // Rarely needed (a full socket buffer), so boxed: an idle connection does not carry it.
-    let mut writable: Option<WritableFuture> = None;
-    // Always armed while reading; kept across wake-ups so a delivery does not cancel it.
-    let mut readable = std::pin::pin!(stream.readable(false));
+) -> impl Future<Output = ()> {
+    async move {
+        let fd = stream.as_raw_fd();
+        let mut head = 0usize;
+        // Boxed: only a closing connection carries it.
+        let mut closing: Option<Box<Closing>> = None;
+        let mut reading = true;
+        // Rarely needed (a full socket buffer), so boxed: an idle connection does not carry it.
+        let mut writable: Option<WritableFuture> = None;
+        // Always armed while reading; kept across wake-ups so a delivery does not cancel it.
+        let mut readable = std::pin::pin!(stream.readable(false));
 
-    'run: loop {
-        conn.flags.set(conn.flags.get() & !DIRTY);
-        if conn.has(EXPIRED) {
-            break 'run;
-        }
-
-        // A close request becomes a close frame at the end of the queue.
-        if closing.is_none() {
-            if let Some(req) = conn.close.get() {
-                match req.kind {
-                    CloseKind::Abort => break 'run,
-                    CloseKind::Initiate { flush: false } => conn.discard_unstarted(head),
-                    _ => {}
-                }
-                let frame = match req.code {
-                    Some(code) => codec::close(code, req.reason),
-                    None => Bytes::from_static(&[0x88, 0x00]),
-                };
-                conn.push_unbounded(frame);
-                // Shutdown may flush a full queue to every client at once: it gets the
-                // shutdown budget. Every other close is bounded by CLOSE_WAIT.
-                let wait = if req.code == Some(1001) {
-                    core.config().shutdown_timeout
-                } else {
-                    CLOSE_WAIT
-                };
-                let now = Instant::now();
-                closing = Some(Closing {
-                    req,
-                    sent: false,
-                    started: now,
-                    cap: now + wait.max(CLOSE_MAX),
-                });
-                conn.close_deadline.set(Some(now + wait));
+        'run: loop {
+            conn.flags.set(conn.flags.get() & !DIRTY);
+            if conn.has(EXPIRED) {
+                break 'run;
             }
-        }
 
-        // Write while the socket takes it.
-        if writable.is_none() {
-            while !conn.queue.borrow().is_empty() {
-                match conn.write_to(fd, &mut head) {
-                    Ok(n) => {
-                        stats::add(&core.stats().bytes_out, n as u64);
-                        // A peer still taking bytes is slow, not dead: the close frame queued
-                        // behind them gets more time, up to the cap.
-                        if let Some(c) = closing {
-                            if c.started.elapsed() > CLOSE_WAIT / 4 {
-                                let later = (Instant::now() + CLOSE_WAIT).min(c.cap);
-                                conn.close_deadline.set(Some(later));
+            // A close request becomes a close frame at the end of the queue.
+            if closing.is_none() {
+                if let Some(req) = conn.close.get() {
+                    match req.kind {
+                        CloseKind::Abort => break 'run,
+                        CloseKind::Initiate { flush: false } => conn.discard_unstarted(head),
+                        _ => {}
+                    }
+                    let frame = match req.code {
+                        Some(code) => codec::close(code, req.reason),
+                        None => Bytes::from_static(&[0x88, 0x00]),
+                    };
+                    conn.push_unbounded(frame);
+                    // Shutdown may flush a full queue to every client at once: it gets the
+                    // shutdown budget. Every other close is bounded by CLOSE_WAIT.
+                    let wait = if req.code == Some(1001) {
+                        core.config().shutdown_timeout
+                    } else {
+                        CLOSE_WAIT
+                    };
+                    let now = Instant::now();
+                    closing = Some(Box::new(Closing {
+                        req,
+                        sent: false,
+                        started: now,
+                        cap: now + wait.max(CLOSE_MAX),
+                    }));
+                    conn.close_deadline.set(Millis::now().after(wait));
+                }
+            }
+
+            // Write while the socket takes it.
+            if writable.is_none() {
+                while !conn.queue.borrow().is_empty() {
+                    match conn.write_to(fd, &mut head) {
+                        Ok(n) => {
+                            stats::add(&core.stats().bytes_out, n as u64);
+                            // A peer still taking bytes is slow, not dead: the close frame queued
+                            // behind them gets more time, up to the cap.
+                            if let Some(c) = &closing {
+                                if c.started.elapsed() > CLOSE_WAIT / 4 {
+                                    let later = (Instant::now() + CLOSE_WAIT).min(c.cap);
+                                    conn.close_deadline.set(Millis::from(later));
+                                }
                             }
                         }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            let s = stream.clone();
+                            writable = Some(Box::pin(async move { s.writable(false).await }));
+                            break;
+                        }
+                        Err(_) => break 'run,
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        let s = stream.clone();
-                        writable = Some(Box::pin(async move { s.writable(false).await }));
-                        break;
-                    }
-                    Err(_) => break 'run,
                 }
             }
-        }
 
-        if let Some(c) = closing.as_mut() {
-            if !c.sent && conn.queue.borrow().is_empty() {
-                c.sent = true;
-                if matches!(c.req.kind, CloseKind::Reply | CloseKind::Fail) {
+            if let Some(c) = closing.as_mut() {
+                if !c.sent && conn.queue.borrow().is_empty() {
+                    c.sent = true;
+                    if matches!(c.req.kind, CloseKind::Reply | CloseKind::Fail) {
+                        break 'run;
+                    }
+                }
+                if c.sent && conn.has(PEER_CLOSED) {
                     break 'run;
                 }
             }
-            if c.sent && conn.has(PEER_CLOSED) {
-                break 'run;
-            }
-        }
 
-        let event = poll_fn(|cx| {
-            if conn.has(DIRTY) {
-                return Poll::Ready(Event::Work);
-            }
-            if let Some(w) = writable.as_mut() {
-                if let Poll::Ready(r) = w.as_mut().poll(cx) {
-                    writable = None;
-                    return Poll::Ready(Event::Writable(r));
+            let event = poll_fn(|cx| {
+                if conn.has(DIRTY) {
+                    return Poll::Ready(Event::Work);
                 }
-            }
-            if reading {
-                if let Poll::Ready(r) = readable.as_mut().poll(cx) {
-                    return Poll::Ready(Event::Readable(r));
+                if let Some(w) = writable.as_mut() {
+                    if let Poll::Ready(r) = w.as_mut().poll(cx) {
+                        writable = None;
+                        return Poll::Ready(Event::Writable(r));
+                    }
                 }
-            }
-            conn.waker.set(Some(cx.waker().clone()));
-            Poll::Pending
-        })
-        .await;
+                if reading {
+                    if let Poll::Ready(r) = readable.as_mut().poll(cx) {
+                        return Poll::Ready(Event::Readable(r));
+                    }
+                }
+                conn.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            })
+            .await;
 
-        match event {
-            Event::Work | Event::Writable(Ok(())) => {}
-            Event::Writable(Err(_)) => break 'run,
-            Event::Readable(r) => {
-                readable.set(stream.readable(false));
-                if r.is_err() || !session.read(&core, &conn, fd) {
-                    // The peer is gone (or sent its close frame and then the end of the
-                    // stream): nothing more to write.
-                    reading = false;
-                    conn.set_peer_closed();
-                    conn.request_close(CloseReq {
-                        code: None,
-                        reason: "",
-                        kind: CloseKind::Abort,
-                    });
+            match event {
+                Event::Work | Event::Writable(Ok(())) => {}
+                Event::Writable(Err(_)) => break 'run,
+                Event::Readable(r) => {
+                    readable.set(stream.readable(false));
+                    if r.is_err() || !session.read(&core, &conn, fd) {
+                        // The peer is gone (or sent its close frame and then the end of the
+                        // stream): nothing more to write.
+                        reading = false;
+                        conn.set_peer_closed();
+                        conn.request_close(CloseReq {
+                            code: None,
+                            reason: "",
+                            kind: CloseKind::Abort,
+                        });
+                    }
                 }
             }
         }
+        let code = closing.map(|c| c.req.code.unwrap_or(1005));
+        core.stats().count_close(code);
+        conn.finish();
+        shutdown(fd);
+        core.remove_conn(session.key);
     }
-    let code = closing.map(|c| c.req.code.unwrap_or(1005));
-    core.stats().count_close(code);
-    conn.finish();
-    shutdown(fd);
-    core.remove_conn(session.key);
 }

@@ -857,7 +857,7 @@ impl Core {
         let tick = (ping.min(idle) / 5).clamp(Duration::from_millis(10), Duration::from_secs(1));
         loop {
             monoio::time::sleep(tick).await;
-            let now = std::time::Instant::now();
+            let now = crate::conn::Millis::now();
             let mut idle_closed = 0;
             for (_, entry) in self.conns.borrow().iter() {
                 idle_closed += u64::from(entry.conn.sweep(now, ping, idle));

@@ -245,7 +245,8 @@ fn churn_leaves_the_directory_exact() {
             "user {user}"
         );
     }
-    assert_eq!(gw.stats()["users"], expected.len() as u64 + 1);
+    let users = expected.len() as u64 + 1;
+    gw.wait_stats(&format!("{users} users"), T, |s| s["users"] == users);
 }
 
 #[test]
@@ -561,7 +562,7 @@ fn double_close_under_traffic_is_harmless() {
     stop.store(true, Ordering::Relaxed);
     pump.join().unwrap();
     gw.wait_connections(0, T);
-    assert_eq!(gw.stats()["users"], 0);
+    gw.wait_stats("no users", T, |s| s["users"] == 0);
     assert_eq!(http(gw.addr, "GET", "/healthz", None, &[]).0, 200);
     let mut a = gw.connect("after");
     assert_eq!(send_acked(&mut a, "after", json!(1), 1), 1);

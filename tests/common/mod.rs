@@ -55,16 +55,23 @@ impl Gateway {
 
     /// Waits until `/api/stats` shows `n` connections; panics with the last stats otherwise.
     pub fn wait_connections(&self, n: i64, within: Duration) {
+        self.wait_stats(&format!("{n} connections"), within, |s| s["connections"] == n);
+    }
+
+    /// Waits until `/api/stats` satisfies `ok`. The counts are summed from every core, and a
+    /// connection leaves its user's directory (kept on the user's owner core) a moment after
+    /// it leaves the connection count: tests wait for them to settle, bounded by `within`.
+    pub fn wait_stats(&self, what: &str, within: Duration, ok: impl Fn(&Value) -> bool) {
         let end = Instant::now() + within;
         loop {
             let s = self.stats();
-            if s["connections"] == n {
+            if ok(&s) {
                 return;
             }
             if Instant::now() > end {
-                panic!("expected {n} connections, stats: {s}");
+                panic!("expected {what}, stats: {s}");
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
