@@ -1005,9 +1005,13 @@ fn run_connection(
                 }
             }
 
+            // Reading first: what a read queues then leaves in one `sendmsg` with what was
+            // already waiting (each pass of the loop writes whatever the event was).
             let event = poll_fn(|cx| {
-                if conn.has(DIRTY) {
-                    return Poll::Ready(Event::Work);
+                if reading {
+                    if let Poll::Ready(r) = readable.as_mut().poll(cx) {
+                        return Poll::Ready(Event::Readable(r));
+                    }
                 }
                 if let Some(w) = writable.as_mut() {
                     if let Poll::Ready(r) = w.as_mut().poll(cx) {
@@ -1015,10 +1019,8 @@ fn run_connection(
                         return Poll::Ready(Event::Writable(r));
                     }
                 }
-                if reading {
-                    if let Poll::Ready(r) = readable.as_mut().poll(cx) {
-                        return Poll::Ready(Event::Readable(r));
-                    }
+                if conn.has(DIRTY) {
+                    return Poll::Ready(Event::Work);
                 }
                 conn.waker.set(Some(cx.waker().clone()));
                 Poll::Pending
