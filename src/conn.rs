@@ -47,7 +47,7 @@ const HTTP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Outcome of queueing a frame on a connection.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Push {
-    /// Queued; the writer will send it.
+    /// Queued; the connection's task will send it.
     Queued,
     /// The queue would exceed its limit: the connection is being closed with 1013.
     Overflow,
@@ -136,11 +136,13 @@ const DIRTY: u8 = 8;
 const EXPIRED: u8 = 16;
 /// The user's owner refused the registration (per-user connection limit).
 const REFUSED: u8 = 32;
-/// The writer runs and the upgrade answer is queued: the sweeper may queue pings and judge
-/// idleness. Before that a connection is in the slab but still mid-handshake.
+/// The upgrade answer is written and the connection's task about to run: the sweeper may
+/// queue pings and judge idleness. Before that a connection is in the slab but still
+/// mid-handshake.
 const LIVE: u8 = 64;
 
-/// State of one connection shared by its reader, its writer and the core's router.
+/// State of one connection shared by its task (reading half and writing half) and the core's
+/// router.
 pub(crate) struct ConnShared {
     queue: RefCell<VecDeque<Bytes>>,
     queued_bytes: Cell<usize>,
@@ -340,7 +342,7 @@ impl ConnShared {
         Ok(written)
     }
 
-    /// The writer is gone: refuse everything from now on and free the queue.
+    /// The connection's task is done: refuse everything from now on and free the queue.
     fn finish(&self) {
         self.set(DONE);
         let mut q = self.queue.borrow_mut();

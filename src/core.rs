@@ -201,7 +201,7 @@ impl Shared {
 pub(crate) struct ConnEntry {
     /// The authenticated user; `None` for echo connections (not in the directory).
     pub user: Option<Rc<str>>,
-    /// State shared with the connection's reader and writer.
+    /// State shared with the connection's task.
     pub conn: Rc<ConnShared>,
     /// Rooms this connection is a member of (empty for most connections).
     pub rooms: Vec<Box<str>>,

@@ -11,7 +11,7 @@
 //! | [`auth`] | JWT identity and the API key |
 //! | [`server`] | listeners (`SO_REUSEPORT`, one per core), worker threads, shutdown |
 //! | `core` | one core's state: connection slab, user directory, router, cross-core batches |
-//! | `conn` | a connection: HTTP request, upgrade, the reader, the single writer |
+//! | `conn` | a connection: HTTP request, upgrade, then one task: reader and single writer |
 //! | [`codec`] | WebSocket frames: decoder for client frames, encoders for server frames |
 //! | [`http`] | HTTP/1.1 parsing, upgrade checks, plain answers |
 //! | [`protocol`] | the v1 JSON messages |

@@ -55,7 +55,9 @@ impl Gateway {
 
     /// Waits until `/api/stats` shows `n` connections; panics with the last stats otherwise.
     pub fn wait_connections(&self, n: i64, within: Duration) {
-        self.wait_stats(&format!("{n} connections"), within, |s| s["connections"] == n);
+        self.wait_stats(&format!("{n} connections"), within, |s| {
+            s["connections"] == n
+        });
     }
 
     /// Waits until `/api/stats` satisfies `ok`. The counts are summed from every core, and a
