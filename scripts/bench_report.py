@@ -727,6 +727,14 @@ def cmd_report(a):
             w(f"| `{name}` | {mean} | {lo} – {hi} | {thr} |")
     w("")
 
+    # Hand-recorded A/B experiments (not rerun by this script) are kept with the benches.
+    try:
+        with open("benches/experiments.md") as f:
+            w(f.read().rstrip("\n"))
+            w("")
+    except OSError:
+        pass
+
     w("## Anomalies")
     w("")
     if problems:
