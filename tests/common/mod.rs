@@ -60,6 +60,29 @@ impl Gateway {
         });
     }
 
+    /// Waits until `/api/presence/{user}` reports `n` connections: a departure reaches the
+    /// user's owner core a moment after the connection count drops.
+    pub fn wait_presence(&self, user: &str, n: u64, within: Duration) {
+        let end = Instant::now() + within;
+        loop {
+            let (status, body) = http(
+                self.addr,
+                "GET",
+                &format!("/api/presence/{user}"),
+                None,
+                &[],
+            );
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            if status == 200 && v["connections"] == n {
+                return;
+            }
+            if Instant::now() > end {
+                panic!("expected {n} connections of {user}, presence: {status} {body}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until `/api/stats` satisfies `ok`. The counts are summed from every core, and a
     /// connection leaves its user's directory (kept on the user's owner core) a moment after
     /// it leaves the connection count: tests wait for them to settle, bounded by `within`.
