@@ -166,9 +166,16 @@ pub(crate) fn metrics(core: &Core) -> String {
         "Users with connections (each counted on its owner core).",
         |s| s.users,
     );
-    gauge("wsgate_rooms", "Rooms with members on the core.", |s| {
-        s.rooms
-    });
+    gauge(
+        "wsgate_rooms",
+        "Rooms with members (each counted on its owner core).",
+        |s| s.rooms,
+    );
+    gauge(
+        "wsgate_local_rooms",
+        "Rooms with members on the core (a room spread over cores counts on each).",
+        |s| s.local_rooms,
+    );
     let counter = |name: &str, help: &str, get: fn(&Snapshot) -> u64| {
         let c = IntCounterVec::new(Opts::new(name, help), &["core"]).expect("valid metric");
         for (i, s) in snaps.iter().enumerate() {

@@ -29,6 +29,11 @@
 //! count, which the publishing core adds up for `delivered`. A closed connection leaves its
 //! rooms by its exact key.
 //!
+//! Counting rooms: each room also has an owner core, `hash(room) % cores`, told with
+//! `RoomCores` when a core's member set of the room appears or empties (first join, last
+//! leave: never per message). The owner counts the cores holding members, so each room is
+//! counted exactly once, on its owner, however many cores its members sit on.
+//!
 //! # Waiters
 //!
 //! Answers that need counts from other cores (publish and broadcast `delivered`, API calls)
@@ -155,6 +160,8 @@ pub(crate) enum CoreMsg {
     Disconnect { user: Box<str>, waiter: ConnKey },
     /// To a connection's core: close these connections with 1008.
     Kick { keys: SmallVec<[ConnKey; 4]> },
+    /// To a room's owner: a core's member set of `room` appeared (`+1`) or emptied (`-1`).
+    RoomCores { room: Box<str>, delta: i32 },
     /// A count for a waiter of this core.
     Count { waiter: ConnKey, n: u64 },
     /// Stop accepting and close every connection with 1001.
@@ -223,6 +230,8 @@ pub(crate) struct Core {
     pub conns: RefCell<GenSlab<ConnEntry>>,
     directory: RefCell<HashMap<Box<str>, KeyList>>,
     rooms: RefCell<HashMap<Box<str>, IndexSet<ConnKey>>>,
+    /// Rooms this core owns (`hash(room) % cores`): how many cores hold members of each.
+    owned_rooms: RefCell<HashMap<Box<str>, i32>>,
     waiters: RefCell<GenSlab<Waiter>>,
     outbox: RefCell<Vec<Vec<CoreMsg>>>,
     flush_pending: Cell<bool>,
@@ -247,6 +256,7 @@ impl Core {
             conns: RefCell::new(GenSlab::new(id)),
             directory: RefCell::new(HashMap::new()),
             rooms: RefCell::new(HashMap::new()),
+            owned_rooms: RefCell::new(HashMap::new()),
             waiters: RefCell::new(GenSlab::new(id)),
             outbox: RefCell::new((0..cores).map(|_| Vec::new()).collect()),
             flush_pending: Cell::new(false),
@@ -358,6 +368,7 @@ impl Core {
                     self.kick_local(key);
                 }
             }
+            CoreMsg::RoomCores { room, delta } => self.room_cores_owned(room, delta),
             CoreMsg::Count { waiter, n } => self.count(waiter, n),
             CoreMsg::Shutdown => self.begin_shutdown(),
         }
@@ -567,7 +578,8 @@ impl Core {
         entry.rooms.push(room.into());
         let mut rooms = self.rooms.borrow_mut();
         let members = rooms.entry(room.into()).or_insert_with(|| {
-            stats::add_gauge(&self.stats().rooms, 1);
+            stats::add_gauge(&self.stats().local_rooms, 1);
+            self.room_cores(room, 1);
             IndexSet::new()
         });
         members.insert(key);
@@ -588,8 +600,44 @@ impl Core {
             members.swap_remove(&key);
             if members.is_empty() {
                 rooms.remove(room);
-                stats::add_gauge(&self.stats().rooms, -1);
+                stats::add_gauge(&self.stats().local_rooms, -1);
+                self.room_cores(room, -1);
             }
+        }
+    }
+
+    /// Tells `room`'s owner that this core's member set appeared or emptied.
+    fn room_cores(&self, room: &str, delta: i32) {
+        let owner = self.shared.owner_of(room);
+        if owner == self.id {
+            self.room_cores_owned(room.into(), delta);
+        } else {
+            self.post(
+                owner,
+                CoreMsg::RoomCores {
+                    room: room.into(),
+                    delta,
+                },
+            );
+        }
+    }
+
+    /// On a room's owner: counts the cores with members; the room exists while any has.
+    /// Each core's appear/empty messages travel one FIFO path, so the count never drops
+    /// below zero.
+    fn room_cores_owned(&self, room: Box<str>, delta: i32) {
+        let mut owned = self.owned_rooms.borrow_mut();
+        let was = owned.get(&room).copied().unwrap_or(0);
+        let now = (was + delta).max(0);
+        if now == 0 {
+            owned.remove(&room);
+        } else {
+            owned.insert(room, now);
+        }
+        match (was, now) {
+            (0, n) if n > 0 => stats::add_gauge(&self.stats().rooms, 1),
+            (w, 0) if w > 0 => stats::add_gauge(&self.stats().rooms, -1),
+            _ => {}
         }
     }
 

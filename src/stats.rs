@@ -16,9 +16,12 @@ pub struct CoreStats {
     pub connections: AtomicI64,
     /// Users whose directory entry this core owns (gauge).
     pub users: AtomicI64,
+    /// Rooms with members anywhere, each counted on its owner core (`hash(room) % cores`), so
+    /// the sum over cores is exact (gauge).
+    pub rooms: AtomicI64,
     /// Rooms with at least one member on this core (gauge; a room with members on two cores
     /// counts on both).
-    pub rooms: AtomicI64,
+    pub local_rooms: AtomicI64,
     /// Connections accepted as WebSockets since start.
     pub connections_total: AtomicU64,
     /// Client messages (text frames) received.
@@ -103,6 +106,7 @@ pub struct Snapshot {
     pub connections: i64,
     pub users: i64,
     pub rooms: i64,
+    pub local_rooms: i64,
     pub connections_total: u64,
     pub messages_in: u64,
     pub messages_out: u64,
@@ -129,6 +133,7 @@ impl CoreStats {
             connections: self.connections.load(Relaxed),
             users: self.users.load(Relaxed),
             rooms: self.rooms.load(Relaxed),
+            local_rooms: self.local_rooms.load(Relaxed),
             connections_total: self.connections_total.load(Relaxed),
             messages_in: self.messages_in.load(Relaxed),
             messages_out: self.messages_out.load(Relaxed),
@@ -158,6 +163,7 @@ impl Snapshot {
             t.connections += s.connections;
             t.users += s.users;
             t.rooms += s.rooms;
+            t.local_rooms += s.local_rooms;
             t.connections_total += s.connections_total;
             t.messages_in += s.messages_in;
             t.messages_out += s.messages_out;

@@ -18,6 +18,7 @@ need = {
     "wsgate_connections": "gauge",
     "wsgate_users": "gauge",
     "wsgate_rooms": "gauge",
+    "wsgate_local_rooms": "gauge",
     "wsgate_messages_in": "counter",
     "wsgate_messages_out": "counter",
     "wsgate_deliveries": "counter",
