@@ -379,33 +379,31 @@ impl Core {
     /// Registers a connection of `user`; the connection is told through
     /// [`ConnShared::set_registered`] once the owner has it.
     pub fn register(&self, user: &str, key: ConnKey) {
-        let owner = self.shared.owner_of(user);
-        if owner == self.id {
-            self.directory_add(user.into(), key);
-        } else {
-            self.post(
-                owner,
-                CoreMsg::Register {
-                    user: user.into(),
-                    key,
-                },
-            );
-        }
+        let msg = CoreMsg::Register {
+            user: user.into(),
+            key,
+        };
+        self.on_owner_of(user, msg);
     }
 
     /// Removes exactly this connection from `user`'s entry (a no-op if it is not there).
     pub fn unregister(&self, user: &str, key: ConnKey) {
-        let owner = self.shared.owner_of(user);
+        let msg = CoreMsg::Unregister {
+            user: user.into(),
+            key,
+        };
+        self.on_owner_of(user, msg);
+    }
+
+    /// Handles `msg` on the owner of `id` (a user or a room): right here when this core owns
+    /// it, else posted there. Not for the per-message path, which avoids building the message
+    /// when it stays on this core.
+    fn on_owner_of(&self, id: &str, msg: CoreMsg) {
+        let owner = self.shared.owner_of(id);
         if owner == self.id {
-            self.directory_remove(user, key);
+            self.handle(msg);
         } else {
-            self.post(
-                owner,
-                CoreMsg::Unregister {
-                    user: user.into(),
-                    key,
-                },
-            );
+            self.post(owner, msg);
         }
     }
 
@@ -608,18 +606,11 @@ impl Core {
 
     /// Tells `room`'s owner that this core's member set appeared or emptied.
     fn room_cores(&self, room: &str, delta: i32) {
-        let owner = self.shared.owner_of(room);
-        if owner == self.id {
-            self.room_cores_owned(room.into(), delta);
-        } else {
-            self.post(
-                owner,
-                CoreMsg::RoomCores {
-                    room: room.into(),
-                    delta,
-                },
-            );
-        }
+        let msg = CoreMsg::RoomCores {
+            room: room.into(),
+            delta,
+        };
+        self.on_owner_of(room, msg);
     }
 
     /// On a room's owner: counts the cores with members; the room exists while any has.
