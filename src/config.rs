@@ -233,6 +233,19 @@ impl Config {
                 self.idle_timeout, self.ping_interval
             ));
         }
+        // Far beyond any useful setting, and short of overflowing a deadline computed from it.
+        const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+        for (flag, d) in [
+            ("--ping-interval", self.ping_interval),
+            ("--idle-timeout", self.idle_timeout),
+            ("--shutdown-timeout", self.shutdown_timeout),
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--jwt-leeway", self.jwt_leeway),
+        ] {
+            if d > MAX_DURATION {
+                return Err(format!("{flag} ({d:?}) must be at most 365d"));
+            }
+        }
         if self.max_message_size == 0 || self.max_queued_bytes == 0 {
             return Err("--max-message-size and --max-queued-bytes must be above zero".into());
         }
@@ -287,6 +300,15 @@ mod tests {
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn durations_beyond_a_year_are_refused_by_name() {
+        let c = Config::parse_from(["wsgate", "--shutdown-timeout", "400d"]);
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("--shutdown-timeout"), "{e}");
+        let c = Config::parse_from(["wsgate", "--idle-timeout", "365d"]);
+        assert!(c.validate().is_ok());
     }
 
     #[test]

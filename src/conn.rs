@@ -567,6 +567,8 @@ async fn upgrade(
         handshake.extend_from_slice(&protocol::welcome(user, &key.to_string()));
     }
     if write_all(&stream, &handshake).await.is_err() {
+        // Counted with the closes, so closes add up to connections that ended.
+        core.stats().count_close(None);
         conn.finish();
         core.remove_conn(key);
         shutdown(stream.as_raw_fd());

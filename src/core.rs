@@ -574,13 +574,22 @@ impl Core {
             return Joined::TooMany;
         }
         entry.rooms.push(room.into());
+        drop(conns);
         let mut rooms = self.rooms.borrow_mut();
-        let members = rooms.entry(room.into()).or_insert_with(|| {
+        let mut appeared = false;
+        rooms
+            .entry(room.into())
+            .or_insert_with(|| {
+                appeared = true;
+                IndexSet::new()
+            })
+            .insert(key);
+        drop(rooms);
+        if appeared {
+            // Told with nothing borrowed: on the owner core this is handled right here.
             stats::add_gauge(&self.stats().local_rooms, 1);
             self.room_cores(room, 1);
-            IndexSet::new()
-        });
-        members.insert(key);
+        }
         Joined::Ok
     }
 
@@ -598,6 +607,7 @@ impl Core {
             members.swap_remove(&key);
             if members.is_empty() {
                 rooms.remove(room);
+                drop(rooms);
                 stats::add_gauge(&self.stats().local_rooms, -1);
                 self.room_cores(room, -1);
             }

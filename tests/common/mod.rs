@@ -17,11 +17,14 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Starts `wsgate --listen 127.0.0.1:0 --workers 2 ARGS...`.
+    /// Starts `wsgate --listen 127.0.0.1:0 --workers 2 ARGS...` (ARGS may set `--workers`).
     pub fn start(args: &[&str]) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
-        cmd.args(["--listen", "127.0.0.1:0", "--workers", "2"])
-            .args(args)
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        if !args.contains(&"--workers") {
+            cmd.args(["--workers", "2"]);
+        }
+        cmd.args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
