@@ -47,6 +47,9 @@ pub struct Client {
     stash: VecDeque<Value>,
 }
 
+/// How long the upgrade answer may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Opens a WebSocket to `path_and_query` (e.g. `/ws?user=a`) without reading anything.
 pub fn connect_raw(
     addr: SocketAddr,
@@ -54,13 +57,22 @@ pub fn connect_raw(
 ) -> Result<WebSocket<TcpStream>, ClientError> {
     let stream = TcpStream::connect(addr).map_err(tungstenite::Error::Io)?;
     stream.set_nodelay(true).map_err(tungstenite::Error::Io)?;
+    // A server that accepts but never answers fails the handshake instead of hanging it.
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(tungstenite::Error::Io)?;
     let url = format!("ws://{addr}{path_and_query}");
     let (ws, _resp) = tungstenite::client::client(url.as_str(), stream).map_err(|e| match e {
         tungstenite::HandshakeError::Failure(e) => e,
-        tungstenite::HandshakeError::Interrupted(_) => {
-            tungstenite::Error::Io(io::Error::other("handshake interrupted"))
-        }
+        tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no upgrade answer within the handshake timeout",
+        )),
     })?;
+    // Reads block again until a caller sets its own timeout.
+    ws.get_ref()
+        .set_read_timeout(None)
+        .map_err(tungstenite::Error::Io)?;
     Ok(ws)
 }
 

@@ -41,6 +41,9 @@ use crate::stats;
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// The most a close may take while the peer keeps draining slowly.
 const CLOSE_MAX: Duration = Duration::from_secs(30);
+/// Reads a connection may make in a row, each finding more bytes already waiting, before it
+/// lets the rest of its core run (see [`run_connection`]).
+const READ_BURST: u32 = 16;
 /// How long a keep-alive HTTP connection may wait for its next request.
 const HTTP_KEEPALIVE: Duration = Duration::from_secs(60);
 
@@ -933,6 +936,13 @@ fn run_connection(
         let mut writable: Option<WritableFuture> = None;
         // Always armed while reading; kept across wake-ups so a delivery does not cancel it.
         let mut readable = std::pin::pin!(stream.readable(false));
+        // Reads in a row that found the next bytes already waiting. On io_uring every read is
+        // followed by a wait for the next completion, so this stays at 1. On the epoll driver
+        // a peer that keeps bytes waiting makes `readable` ready at once, and monoio has no
+        // cooperative budget: the flooder's task would hold its core. After READ_BURST such
+        // reads it pauses. Not by waking itself: monoio puts a task that wakes itself back at
+        // the *front* of its queue, so the pause is a timer, which wakes it from the back.
+        let mut burst = 0u32;
 
         'run: loop {
             conn.flags.set(conn.flags.get() & !DIRTY);
@@ -1011,9 +1021,14 @@ fn run_connection(
 
             // Reading first: what a read queues then leaves in one `sendmsg` with what was
             // already waiting (each pass of the loop writes whatever the event was).
+            if burst >= READ_BURST {
+                burst = 0;
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
             let event = poll_fn(|cx| {
                 if reading {
                     if let Poll::Ready(r) = readable.as_mut().poll(cx) {
+                        burst += 1;
                         return Poll::Ready(Event::Readable(r));
                     }
                 }
@@ -1026,6 +1041,7 @@ fn run_connection(
                 if conn.has(DIRTY) {
                     return Poll::Ready(Event::Work);
                 }
+                burst = 0;
                 conn.waker.set(Some(cx.waker().clone()));
                 Poll::Pending
             })
