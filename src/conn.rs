@@ -1027,9 +1027,13 @@ fn run_connection(
             }
             let event = poll_fn(|cx| {
                 if reading {
-                    if let Poll::Ready(r) = readable.as_mut().poll(cx) {
-                        burst += 1;
-                        return Poll::Ready(Event::Readable(r));
+                    match readable.as_mut().poll(cx) {
+                        Poll::Ready(r) => {
+                            burst += 1;
+                            return Poll::Ready(Event::Readable(r));
+                        }
+                        // The socket had nothing waiting: the run of ready reads ends.
+                        Poll::Pending => burst = 0,
                     }
                 }
                 if let Some(w) = writable.as_mut() {
@@ -1041,7 +1045,6 @@ fn run_connection(
                 if conn.has(DIRTY) {
                     return Poll::Ready(Event::Work);
                 }
-                burst = 0;
                 conn.waker.set(Some(cx.waker().clone()));
                 Poll::Pending
             })
