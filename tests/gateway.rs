@@ -391,30 +391,20 @@ fn bad_input_is_answered_and_isolated() {
     .unwrap();
     expect_close(&mut big, 1009, T);
 
-    // Invalid UTF-8 in a text frame: close 1007.
-    let mut utf = gw.connect("utf");
-    utf.ws()
-        .get_mut()
-        .write_all(&client_frame(0x81, b"\xff\xfe"))
-        .unwrap();
-    expect_close(&mut utf, 1007, T);
-
-    // Reserved bits: a protocol error, close 1002.
-    let mut rsv = gw.connect("rsv");
-    rsv.ws()
-        .get_mut()
-        .write_all(&client_frame(0xC1, b"{}"))
-        .unwrap();
-    expect_close(&mut rsv, 1002, T);
-
-    // An unmasked frame: close 1002.
-    let mut unmasked = gw.connect("unmasked");
-    unmasked
-        .ws()
-        .get_mut()
-        .write_all(&[0x81, 0x02, b'{', b'}'])
-        .unwrap();
-    expect_close(&mut unmasked, 1002, T);
+    // Raw bytes a fresh connection sends, and the close code they must get.
+    let raw_closes: [(&str, Vec<u8>, u16); 3] = [
+        // Invalid UTF-8 in a text frame.
+        ("utf", client_frame(0x81, b"\xff\xfe"), 1007),
+        // Reserved bits: a protocol error.
+        ("rsv", client_frame(0xC1, b"{}"), 1002),
+        // An unmasked frame: a protocol error.
+        ("unmasked", vec![0x81, 0x02, b'{', b'}'], 1002),
+    ];
+    for (user, bytes, code) in raw_closes {
+        let mut c = gw.connect(user);
+        c.ws().get_mut().write_all(&bytes).unwrap();
+        expect_close(&mut c, code, T);
+    }
 
     // A peer that vanishes mid-frame.
     let mut half = gw.connect("half");

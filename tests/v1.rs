@@ -59,6 +59,14 @@ fn spread(gw: &Gateway, user: &str, per_core: usize) -> Vec<Client> {
     a.into_iter().chain(b).collect()
 }
 
+/// Asserts that the `/metrics` text `m` has each of `lines` (a sample with its labels and
+/// value, or a prefix of one).
+fn assert_metrics_have(m: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(m.contains(line), "no {line} in:\n{m}");
+    }
+}
+
 fn post(gw: &Gateway, path: &str, body: Value) -> (u16, Value) {
     let (status, text) = http(gw.addr, "POST", path, Some(&body.to_string()), &[]);
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
@@ -531,13 +539,12 @@ fn connection_limits() {
     gw.wait_connections(2, T);
     let _c = gw.connect("c");
     let m = metrics(&gw);
-    assert!(
-        m.contains(r#"wsgate_handshake_failures_total{core="0",status="429"}"#),
-        "{m}"
-    );
-    assert!(
-        m.contains(r#"wsgate_limit{name="max_connections"} 3"#),
-        "{m}"
+    assert_metrics_have(
+        &m,
+        &[
+            r#"wsgate_handshake_failures_total{core="0",status="429"}"#,
+            r#"wsgate_limit{name="max_connections"} 3"#,
+        ],
     );
 }
 
@@ -702,17 +709,16 @@ fn config_file_env_and_flags_in_that_precedence() {
     let (_, m) = http(addr, "GET", "/metrics", None, &[]);
     let _ = child.kill();
     let _ = child.wait();
-    assert!(
-        m.contains(r#"wsgate_limit{name="max_message_size"} 111"#),
-        "file: {m}"
-    );
-    assert!(
-        m.contains(r#"wsgate_limit{name="max_queued_bytes"} 444555"#),
-        "env over file"
-    );
-    assert!(
-        m.contains(r#"wsgate_limit{name="max_rooms_per_conn"} 9"#),
-        "flag over file"
+    assert_metrics_have(
+        &m,
+        &[
+            // From the file.
+            r#"wsgate_limit{name="max_message_size"} 111"#,
+            // The env var over the file.
+            r#"wsgate_limit{name="max_queued_bytes"} 444555"#,
+            // The flag over the file.
+            r#"wsgate_limit{name="max_rooms_per_conn"} 9"#,
+        ],
     );
 }
 
