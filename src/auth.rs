@@ -31,6 +31,12 @@ pub enum TokenError {
     /// `exp` is in the past (beyond the leeway).
     #[error("token expired")]
     Expired,
+    /// `nbf` is in the future (beyond the leeway).
+    #[error("token not yet valid (nbf)")]
+    NotYetValid,
+    /// A time claim (`exp`, `nbf`, `iat`) is not a number of seconds since the Unix epoch.
+    #[error("token claim `{0}` must be a number (seconds since the Unix epoch)")]
+    Claim(&'static str),
     /// `sub` is missing or not a valid user id.
     #[error("token `sub` must be a user id (1-64 bytes of A-Z a-z 0-9 _ - . : @)")]
     Subject,
@@ -41,28 +47,65 @@ struct Header {
     alg: String,
 }
 
+/// The claims we read. Time claims are taken as any JSON value and checked by hand, so a
+/// string, a boolean, a huge or a negative number is a clear refusal or a saturated time,
+/// never a panic in later arithmetic.
 #[derive(Deserialize)]
 struct Claims {
-    sub: Option<String>,
-    exp: Option<f64>,
+    sub: Option<serde_json::Value>,
+    exp: Option<serde_json::Value>,
+    nbf: Option<serde_json::Value>,
+    iat: Option<serde_json::Value>,
 }
+
+/// Reads a NumericDate claim (RFC 7519 §2): a JSON number of seconds, possibly fractional.
+/// Any number is accepted, however large or small (`1e300` or JavaScript's
+/// `Number.MAX_VALUE` as "never"); everything else is refused.
+fn numeric_date(
+    name: &'static str,
+    v: &Option<serde_json::Value>,
+) -> Result<Option<f64>, TokenError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) => match n.as_f64() {
+            Some(x) if x.is_finite() => Ok(Some(x)),
+            _ => Err(TokenError::Claim(name)),
+        },
+        Some(_) => Err(TokenError::Claim(name)),
+    }
+}
+
+/// The most a token's remaining lifetime is taken to be: a century is "never" for a
+/// connection, and every deadline computed from it stays far from overflowing.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A verified identity.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Identity {
     /// The user id (`sub`).
     pub user: String,
-    /// When the token expires (`exp`), as seconds since the Unix epoch.
+    /// When the connection must end: the token's `exp` plus the leeway, as seconds since the
+    /// Unix epoch.
     pub expires_at: Option<f64>,
 }
 
 impl Identity {
-    /// Time left until expiry, if the token has an `exp`.
+    /// Time left until expiry, if the token has an `exp`: zero when it is past, at most
+    /// [`MAX_LIFETIME`]. Never panics, whatever the claim held.
     pub fn remaining(&self) -> Option<Duration> {
         let exp = self.expires_at?;
-        let now = unix_now();
-        Some(Duration::from_secs_f64((exp - now).max(0.0)))
+        Some(seconds_to_duration(exp - unix_now()))
     }
+}
+
+/// A number of seconds as a duration, clamped to `0..=MAX_LIFETIME` (NaN is zero).
+pub fn seconds_to_duration(secs: f64) -> Duration {
+    if secs.is_nan() || secs <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::try_from_secs_f64(secs)
+        .unwrap_or(MAX_LIFETIME)
+        .min(MAX_LIFETIME)
 }
 
 fn unix_now() -> f64 {
@@ -92,18 +135,33 @@ pub fn verify_jwt(token: &str, secret: &[u8], leeway: Duration) -> Result<Identi
     mac.update(c.as_bytes());
     mac.verify_slice(&sig).map_err(|_| TokenError::Signature)?;
     let claims: Claims = decode_json(c)?;
-    if let Some(exp) = claims.exp {
-        if unix_now() > exp + leeway.as_secs_f64() {
+    let exp = numeric_date("exp", &claims.exp)?;
+    let nbf = numeric_date("nbf", &claims.nbf)?;
+    // `iat` is informational, but a malformed one is a malformed token.
+    numeric_date("iat", &claims.iat)?;
+    let now = unix_now();
+    let leeway = leeway.as_secs_f64();
+    // Comparisons of finite floats: no arithmetic here can overflow or panic (a sum of two
+    // finite doubles at worst becomes infinity, which compares correctly).
+    if let Some(exp) = exp {
+        if now > exp + leeway {
             return Err(TokenError::Expired);
         }
     }
-    let user = claims
-        .sub
-        .filter(|s| valid_user(s))
-        .ok_or(TokenError::Subject)?;
+    if let Some(nbf) = nbf {
+        if now + leeway < nbf {
+            return Err(TokenError::NotYetValid);
+        }
+    }
+    let user = match claims.sub {
+        Some(serde_json::Value::String(s)) if valid_user(&s) => s,
+        _ => return Err(TokenError::Subject),
+    };
     Ok(Identity {
         user,
-        expires_at: claims.exp,
+        // The same leeway applies while connected: a token accepted within the leeway after
+        // its `exp` is not closed by the next sweep.
+        expires_at: exp.map(|e| e + leeway),
     })
 }
 
@@ -183,6 +241,65 @@ mod tests {
         assert_eq!(verify_jwt(&t, S, L), Err(TokenError::Subject));
         assert_eq!(verify_jwt("a.b", S, L), Err(TokenError::Malformed));
         assert_eq!(verify_jwt("!!.??.**", S, L), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn any_time_claim_is_refused_or_saturated_never_a_panic() {
+        // "Never expires" written as a huge number: accepted, capped lifetime.
+        for exp in [json!(1e20), json!(f64::MAX), json!(u64::MAX), json!(1e300)] {
+            let t = sign_jwt(&json!({"sub": "u1", "exp": exp}), S);
+            let id = verify_jwt(&t, S, L).unwrap();
+            assert_eq!(id.remaining(), Some(MAX_LIFETIME), "exp {exp}");
+        }
+        // Far in the past, negative, zero: expired.
+        for exp in [json!(-1e300), json!(-f64::MAX), json!(0), json!(i64::MIN)] {
+            let t = sign_jwt(&json!({"sub": "u1", "exp": exp}), S);
+            assert_eq!(verify_jwt(&t, S, L), Err(TokenError::Expired), "exp {exp}");
+        }
+        // Wrong types are refused by name.
+        for (claim, v) in [
+            ("exp", json!("tomorrow")),
+            ("exp", json!(true)),
+            ("exp", json!([1])),
+            ("nbf", json!({"a": 1})),
+            ("iat", json!("now")),
+        ] {
+            let t = sign_jwt(&json!({"sub": "u1", claim: v}), S);
+            let e = verify_jwt(&t, S, L).unwrap_err();
+            assert_eq!(e, TokenError::Claim(claim));
+        }
+        // A null claim is an absent one.
+        let t = sign_jwt(&json!({"sub": "u1", "exp": null}), S);
+        assert_eq!(verify_jwt(&t, S, L).unwrap().remaining(), None);
+        // nbf: in the future beyond the leeway is refused; huge values too; within it passes.
+        let t = sign_jwt(&json!({"sub": "u1", "nbf": unix_now() + 60.0}), S);
+        assert_eq!(verify_jwt(&t, S, L), Err(TokenError::NotYetValid));
+        let t = sign_jwt(&json!({"sub": "u1", "nbf": f64::MAX}), S);
+        assert_eq!(verify_jwt(&t, S, L), Err(TokenError::NotYetValid));
+        let t = sign_jwt(&json!({"sub": "u1", "nbf": unix_now() + 2.0, "iat": -5}), S);
+        assert!(verify_jwt(&t, S, L).is_ok());
+        // A numeric or missing subject is refused.
+        let t = sign_jwt(&json!({"sub": 1001}), S);
+        assert_eq!(verify_jwt(&t, S, L), Err(TokenError::Subject));
+    }
+
+    #[test]
+    fn the_leeway_holds_while_connected() {
+        // Accepted 2 s after its exp thanks to a 5 s leeway: about 3 s left, not zero.
+        let t = sign_jwt(&json!({"sub": "u1", "exp": unix_now() - 2.0}), S);
+        let left = verify_jwt(&t, S, L).unwrap().remaining().unwrap();
+        assert!(
+            left > Duration::from_secs(2) && left <= Duration::from_secs(3),
+            "{left:?}"
+        );
+    }
+
+    #[test]
+    fn seconds_to_duration_clamps() {
+        assert_eq!(seconds_to_duration(f64::NAN), Duration::ZERO);
+        assert_eq!(seconds_to_duration(-1.0), Duration::ZERO);
+        assert_eq!(seconds_to_duration(f64::INFINITY), MAX_LIFETIME);
+        assert_eq!(seconds_to_duration(1.5), Duration::from_millis(1500));
     }
 
     #[test]
