@@ -142,13 +142,7 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<(Request, usi
             "chunked bodies are not supported: send Content-Length",
         ));
     }
-    let body_len = match request.header("content-length") {
-        None => 0,
-        Some(v) => v
-            .trim()
-            .parse::<usize>()
-            .map_err(|_| HttpError::new(400, "invalid Content-Length"))?,
-    };
+    let body_len = content_length(&request.headers)?;
     if body_len > max_body {
         return Err(HttpError::new(
             413,
@@ -160,6 +154,61 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<(Request, usi
     }
     request.body = buf[head_len..head_len + body_len].to_vec();
     Ok(Some((request, head_len + body_len)))
+}
+
+/// The body length a request declares (0 without `Content-Length`). RFC 9112 §6.3: a value
+/// that is not a plain decimal number (`+12`, `1_0`, `0x10`), or several different values,
+/// is an error that closes the connection: a proxy in front could read the body differently
+/// (request smuggling). Repeats of one value are accepted.
+fn content_length(headers: &[(String, String)]) -> Result<usize, HttpError> {
+    let mut found: Option<usize> = None;
+    for (_, v) in headers.iter().filter(|(n, _)| n == "content-length") {
+        for part in v.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(HttpError::new(400, "invalid Content-Length"));
+            }
+            let n: usize = part
+                .parse()
+                .map_err(|_| HttpError::new(400, "invalid Content-Length"))?;
+            if found.is_some_and(|f| f != n) {
+                return Err(HttpError::new(400, "conflicting Content-Length values"));
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found.unwrap_or(0))
+}
+
+/// The interim answer to `Expect: 100-continue`.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Whether `buf` starts with a complete request head that asks `Expect: 100-continue` and
+/// whose body has not fully arrived: the client waits for `100 Continue` before sending it
+/// (curl waits a second, then sends anyway).
+pub fn wants_continue(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(head)) = req.parse(buf) else {
+        return false;
+    };
+    if req.version != Some(1) {
+        return false;
+    }
+    let expects = req.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("expect")
+            && std::str::from_utf8(h.value)
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+    });
+    expects && buf.len() == head
+}
+
+/// The length of an answer's head (through the blank line): what a `HEAD` request gets.
+pub fn head_len(answer: &[u8]) -> usize {
+    answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(answer.len(), |p| p + 4)
 }
 
 /// Checks a WebSocket upgrade request (RFC 6455 §4.2.1) and returns the
@@ -221,6 +270,7 @@ pub fn switching_protocols(accept: &str) -> Vec<u8> {
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        301 => "Moved Permanently",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -337,6 +387,48 @@ mod tests {
         let bad_key = UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "short");
         let (req, _) = parse_request(bad_key.as_bytes(), 0).unwrap().unwrap();
         assert_eq!(check_upgrade(&req).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn content_length_is_strict() {
+        let req = |cl: &str| format!("POST /x HTTP/1.1\r\n{cl}\r\n\r\nhello");
+        for bad in [
+            "Content-Length: +5",
+            "Content-Length: -5",
+            "Content-Length: 0x5",
+            "Content-Length: 5 5",
+            "Content-Length: 5\r\nContent-Length: 6",
+            "Content-Length: 5, 6",
+            "Content-Length: ",
+            "Content-Length: 99999999999999999999999999",
+        ] {
+            let e = parse_request(req(bad).as_bytes(), 100).unwrap_err();
+            assert_eq!(e.status, 400, "{bad}");
+        }
+        for good in [
+            "Content-Length: 5",
+            "Content-Length:  5 ",
+            "Content-Length: 5\r\nContent-Length: 5",
+            "Content-Length: 5, 5",
+        ] {
+            let (r, _) = parse_request(req(good).as_bytes(), 100).unwrap().unwrap();
+            assert_eq!(r.body, b"hello", "{good}");
+        }
+    }
+
+    #[test]
+    fn expect_continue_and_head() {
+        let head = b"POST /api/send HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
+        assert!(wants_continue(head));
+        let mut full = head.to_vec();
+        full.extend_from_slice(b"hello");
+        assert!(!wants_continue(&full), "the body is already here");
+        assert!(!wants_continue(&head[..20]), "head incomplete");
+        assert!(!wants_continue(
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
+        ));
+        let answer = response(200, "text/plain", b"ok", true, "");
+        assert_eq!(&answer[head_len(&answer)..], b"ok");
     }
 
     #[test]
