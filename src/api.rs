@@ -13,7 +13,7 @@ use crate::auth;
 use crate::core::{Core, Slot};
 use crate::http::{self, Request};
 use crate::protocol::{self, ApiRequest, ErrorCode};
-use crate::stats::{CoreStats, Snapshot};
+use crate::stats::Snapshot;
 
 /// How long an API call waits for the cores' counts before answering 503.
 const API_WAIT: Duration = Duration::from_secs(10);
@@ -32,8 +32,36 @@ pub(crate) async fn answer(core: &Core, req: &Request, keep_alive: bool) -> Vec<
             "",
         ),
         "/healthz" | "/metrics" => method_not_allowed("GET", keep_alive),
+        "/demo" | "/demo/" | "/demo/wsgate.js" if core.config().demo => demo(path, get, keep_alive),
         _ if path.starts_with("/api/") => api(core, req, keep_alive).await,
         _ => http::json_error(404, "not_found", "no such path", keep_alive),
+    }
+}
+
+/// The demo chat page and the JavaScript client it runs on (`--demo`), compiled in.
+const DEMO_PAGE: &str = include_str!("../clients/js/demo/index.html");
+const DEMO_CLIENT: &str = include_str!("../clients/js/wsgate.js");
+
+fn demo(path: &str, get: bool, keep_alive: bool) -> Vec<u8> {
+    if !get {
+        return method_not_allowed("GET", keep_alive);
+    }
+    match path {
+        "/demo" => http::response(301, "text/plain", b"", keep_alive, "Location: /demo/\r\n"),
+        "/demo/wsgate.js" => http::response(
+            200,
+            "text/javascript; charset=utf-8",
+            DEMO_CLIENT.as_bytes(),
+            keep_alive,
+            "Cache-Control: no-cache\r\n",
+        ),
+        _ => http::response(
+            200,
+            "text/html; charset=utf-8",
+            DEMO_PAGE.as_bytes(),
+            keep_alive,
+            "Cache-Control: no-cache\r\n",
+        ),
     }
 }
 
@@ -60,8 +88,10 @@ fn bad(code: ErrorCode, message: &str, keep_alive: bool) -> Vec<u8> {
     http::json_error(400, code.as_str(), message, keep_alive)
 }
 
-async fn wait(slot: &Slot) -> Option<u64> {
-    monoio::time::timeout(API_WAIT, slot.wait()).await.ok()
+/// The count for an API call, or `None` (answered 503) after `API_WAIT` or at shutdown.
+async fn wait(core: &Core, slot: &Slot) -> Option<u64> {
+    let counted = monoio::time::timeout(API_WAIT, slot.wait());
+    core.unless_shutdown(counted).await?.ok()
 }
 
 async fn api(core: &Core, req: &Request, keep_alive: bool) -> Vec<u8> {
@@ -87,7 +117,7 @@ async fn api(core: &Core, req: &Request, keep_alive: bool) -> Vec<u8> {
             return bad(ErrorCode::BadUser, "invalid user id", keep_alive);
         }
         let slot = core.api_presence(&user);
-        return match wait(&slot).await {
+        return match wait(core, &slot).await {
             Some(n) => ok_json(json!({"user": user, "connections": n}), keep_alive),
             None => unavailable(keep_alive),
         };
@@ -121,7 +151,7 @@ async fn api(core: &Core, req: &Request, keep_alive: bool) -> Vec<u8> {
                 ),
                 ApiRequest::Disconnect { user } => (core.api_disconnect(&user), "closed"),
             };
-            match wait(&slot).await {
+            match wait(core, &slot).await {
                 Some(n) => ok_json(json!({ field: n }), keep_alive),
                 None => unavailable(keep_alive),
             }
@@ -148,8 +178,7 @@ fn percent_decode(s: &str) -> String {
 
 /// `GET /metrics`: every counter per core, in the Prometheus text format (0.0.4).
 pub(crate) fn metrics(core: &Core) -> String {
-    let shared = &core.shared;
-    let snaps: Vec<Snapshot> = shared.stats.iter().map(CoreStats::snapshot).collect();
+    let (_, snaps) = crate::server::snapshot(&core.shared);
     let registry = Registry::new();
     let gauge = |name: &str, help: &str, get: fn(&Snapshot) -> i64| {
         let g = IntGaugeVec::new(Opts::new(name, help), &["core"]).expect("valid metric");
@@ -175,6 +204,21 @@ pub(crate) fn metrics(core: &Core) -> String {
         "wsgate_local_rooms",
         "Rooms with members on the core (a room spread over cores counts on each).",
         |s| s.local_rooms,
+    );
+    gauge(
+        "wsgate_http_connections",
+        "TCP connections not upgraded to WebSocket (request, plain HTTP, keep-alive wait).",
+        |s| s.http_connections,
+    );
+    gauge(
+        "wsgate_queued_bytes",
+        "Outbound bytes queued on the core's connections, not yet written.",
+        |s| s.queued_bytes,
+    );
+    gauge(
+        "wsgate_mailbox_depth",
+        "Messages other cores queued to this core, not yet handled.",
+        |s| s.mailbox_depth,
     );
     let counter = |name: &str, help: &str, get: fn(&Snapshot) -> u64| {
         let c = IntCounterVec::new(Opts::new(name, help), &["core"]).expect("valid metric");
@@ -253,6 +297,21 @@ pub(crate) fn metrics(core: &Core) -> String {
         "Messages carried in cross-core batches (divide by batches for the mean batch size).",
         |s| s.batched_messages,
     );
+    counter(
+        "wsgate_http_connections_refused_total",
+        "Connections refused at once for --max-http-connections.",
+        |s| s.http_connections_refused,
+    );
+    counter(
+        "wsgate_backpressure_pauses_total",
+        "Times the core stopped reading from clients because a queue was over its bound.",
+        |s| s.backpressure_pauses,
+    );
+    counter(
+        "wsgate_accept_errors_total",
+        "Failed accepts (out of file descriptors, or other errors).",
+        |s| s.accept_errors,
+    );
     let labelled =
         |name: &str,
          help: &str,
@@ -295,6 +354,9 @@ pub(crate) fn metrics(core: &Core) -> String {
         ("max_rooms_per_conn", c.max_rooms_per_conn as i64),
         ("max_message_size", c.max_message_size as i64),
         ("max_queued_bytes", c.max_queued_bytes as i64),
+        ("max_total_queued_bytes", c.max_total_queued_bytes as i64),
+        ("mailbox_limit", c.mailbox_limit as i64),
+        ("max_http_connections", c.http_connection_limit() as i64),
         ("rate_limit", c.rate_limit as i64),
     ] {
         limits.with_label_values(&[name]).set(v);

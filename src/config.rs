@@ -65,6 +65,29 @@ pub struct Config {
     #[arg(long, env = "WSGATE_MAX_QUEUED_BYTES", default_value_t = 1 << 20)]
     pub max_queued_bytes: usize,
 
+    /// Bound on the outbound bytes queued over all connections of the process. Past each
+    /// core's share, the gateway stops reading from clients (publishers included) until the
+    /// recipients have read the backlog down: backpressure instead of unbounded memory. A
+    /// single lagging connection is still closed at `--max-queued-bytes`.
+    #[arg(long, env = "WSGATE_MAX_TOTAL_QUEUED_BYTES", default_value_t = 256 << 20)]
+    pub max_total_queued_bytes: usize,
+
+    /// Messages one core may have queued from the other cores before every core stops
+    /// reading from clients until it catches up (cross-core backpressure).
+    #[arg(long, env = "WSGATE_MAILBOX_LIMIT", default_value_t = 65536)]
+    pub mailbox_limit: usize,
+
+    /// Most TCP connections not upgraded to WebSocket (reading a request, answering plain
+    /// HTTP or the API, or waiting for the next keep-alive request); more are refused at once
+    /// with 503. Counted apart from WebSocket connections. 0 = a quarter of the process's
+    /// file-descriptor limit (at least 64).
+    #[arg(long, env = "WSGATE_MAX_HTTP_CONNECTIONS", default_value_t = 0)]
+    pub max_http_connections: usize,
+
+    /// How long a plain-HTTP keep-alive connection may wait for its next request.
+    #[arg(long, env = "WSGATE_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
+
     /// On SIGINT/SIGTERM: stop accepting, close every connection with 1001, and exit within
     /// this time.
     #[arg(long, env = "WSGATE_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -75,9 +98,14 @@ pub struct Config {
     pub handshake_timeout: Duration,
 
     /// Serve a plain RFC 6455 echo endpoint at this path (for conformance and comparisons).
-    /// Off when unset.
+    /// Off when unset. Unauthenticated: refused on a non-loopback address without --insecure.
     #[arg(long, env = "WSGATE_ECHO_PATH")]
     pub echo_path: Option<String>,
+
+    /// Serve the demo chat page at /demo/ (the JavaScript client on a small page). Off by
+    /// default; refused on a non-loopback address without --insecure.
+    #[arg(long, env = "WSGATE_DEMO", default_value_t = false)]
+    pub demo: bool,
 
     /// Log filter in `RUST_LOG` syntax (e.g. `info`, `wsgate=debug`). `RUST_LOG` wins.
     #[arg(long, env = "WSGATE_LOG", default_value = "info")]
@@ -205,6 +233,24 @@ impl Config {
         c
     }
 
+    /// `--max-http-connections` after resolving 0 to a quarter of the descriptor limit.
+    pub fn http_connection_limit(&self) -> usize {
+        if self.max_http_connections > 0 {
+            return self.max_http_connections;
+        }
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct we pass.
+        let fds = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+        } else {
+            1024
+        };
+        (fds / 4).max(64)
+    }
+
     /// Worker count after resolving 0 to the number of CPUs.
     pub fn worker_count(&self) -> usize {
         if self.workers > 0 {
@@ -240,6 +286,7 @@ impl Config {
             ("--idle-timeout", self.idle_timeout),
             ("--shutdown-timeout", self.shutdown_timeout),
             ("--handshake-timeout", self.handshake_timeout),
+            ("--http-idle-timeout", self.http_idle_timeout),
             ("--jwt-leeway", self.jwt_leeway),
         ] {
             if d > MAX_DURATION {
@@ -248,6 +295,36 @@ impl Config {
         }
         if self.max_message_size == 0 || self.max_queued_bytes == 0 {
             return Err("--max-message-size and --max-queued-bytes must be above zero".into());
+        }
+        if self.handshake_timeout.is_zero() || self.http_idle_timeout.is_zero() {
+            return Err("--handshake-timeout and --http-idle-timeout must be above zero".into());
+        }
+        if self.mailbox_limit == 0 {
+            return Err("--mailbox-limit must be above zero".into());
+        }
+        if self.max_total_queued_bytes < self.max_queued_bytes {
+            return Err(format!(
+                "--max-total-queued-bytes ({}) must be at least --max-queued-bytes ({}): one \
+                 connection's backlog would pause the whole gateway",
+                self.max_total_queued_bytes, self.max_queued_bytes
+            ));
+        }
+        let public = !self.listen.ip().is_loopback();
+        if public && !self.insecure {
+            if let Some(p) = &self.echo_path {
+                return Err(format!(
+                    "refusing to serve the unauthenticated echo endpoint --echo-path {p} on {}: \
+                     bind to 127.0.0.1, or pass --insecure if this network is trusted",
+                    self.listen
+                ));
+            }
+            if self.demo {
+                return Err(format!(
+                    "refusing to serve the --demo page on {}: it is for local development. \
+                     Bind to 127.0.0.1, or pass --insecure if this network is trusted",
+                    self.listen
+                ));
+            }
         }
         if !self.listen.ip().is_loopback()
             && (self.jwt_secret.is_none() || self.api_key.is_none())

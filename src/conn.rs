@@ -44,8 +44,6 @@ const CLOSE_MAX: Duration = Duration::from_secs(30);
 /// Reads a connection may make in a row, each finding more bytes already waiting, before it
 /// lets the rest of its core run (see [`run_connection`]).
 const READ_BURST: u32 = 16;
-/// How long a keep-alive HTTP connection may wait for its next request.
-const HTTP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// Outcome of queueing a frame on a connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -143,6 +141,8 @@ const REFUSED: u8 = 32;
 /// queue pings and judge idleness. Before that a connection is in the slab but still
 /// mid-handshake.
 const LIVE: u8 = 64;
+/// The task stopped reading under backpressure; the core's resume task wakes it.
+const PAUSED: u8 = 128;
 
 /// State of one connection shared by its task (reading half and writing half) and the core's
 /// router.
@@ -179,10 +179,16 @@ impl ConnShared {
 
     /// One liveness check, run by the core's sweeper for every upgraded connection:
     /// queue a due ping, close an idle connection with 4000, expire a stuck close.
-    /// Returns true when it closed the connection for idleness.
-    pub fn sweep(&self, now: Millis, ping_interval: Duration, idle_timeout: Duration) -> bool {
+    /// Returns whether it closed the connection for idleness, and the bytes of a ping it
+    /// queued.
+    pub fn sweep(
+        &self,
+        now: Millis,
+        ping_interval: Duration,
+        idle_timeout: Duration,
+    ) -> (bool, usize) {
         if self.has(DONE) || !self.has(LIVE) {
-            return false;
+            return (false, 0);
         }
         let deadline = self.close_deadline.get();
         if deadline != Millis::NEVER {
@@ -190,25 +196,37 @@ impl ConnShared {
                 self.set(EXPIRED);
                 self.notify_writer();
             }
-            return false;
+            return (false, 0);
         }
         if self.close.get().is_some() {
-            return false;
+            return (false, 0);
         }
         if now >= self.expires_at.get() {
             self.request_close(CloseReq::initiate(1008, "token expired", true));
-            return false;
+            return (false, 0);
         }
         if now.since(self.last_seen.get()) >= idle_timeout {
             self.request_close(CloseReq::initiate(4000, "idle timeout", false));
-            return true;
+            return (true, 0);
         }
         if now >= self.next_ping.get() {
             self.next_ping.set(now.after(ping_interval));
-            self.push_unbounded(codec::ping());
+            let queued = self.push_unbounded(codec::ping());
             self.notify_writer();
+            return (false, queued);
         }
-        false
+        (false, 0)
+    }
+
+    /// Whether the task paused reading under backpressure.
+    pub fn is_paused(&self) -> bool {
+        self.has(PAUSED)
+    }
+
+    /// Backpressure ended: the task may read again.
+    pub fn resume(&self) {
+        self.flags.set(self.flags.get() & !PAUSED);
+        self.notify_writer();
     }
 
     /// Starts the ping schedule once the upgrade answer is queued; before this the sweeper
@@ -285,17 +303,28 @@ impl ConnShared {
     }
 
     /// Drops queued frames the writer has not started (keeps a half-written front frame).
-    fn discard_unstarted(&self, head_written: usize) {
+    /// Returns the bytes dropped.
+    fn discard_unstarted(&self, head_written: usize) -> usize {
         let mut q = self.queue.borrow_mut();
         let keep = usize::from(head_written > 0).min(q.len());
         q.truncate(keep);
-        self.queued_bytes.set(q.iter().map(Bytes::len).sum());
+        let before = self.queued_bytes.get();
+        let after: usize = q
+            .iter()
+            .map(Bytes::len)
+            .sum::<usize>()
+            .saturating_sub(head_written);
+        self.queued_bytes.set(after);
+        before.saturating_sub(after)
     }
 
-    /// Queues a frame past every limit (the close frame, the writer's own pings).
-    fn push_unbounded(&self, frame: Bytes) {
-        self.queued_bytes.set(self.queued_bytes.get() + frame.len());
+    /// Queues a frame past every limit (the close frame, the writer's own pings). Returns
+    /// the bytes queued.
+    fn push_unbounded(&self, frame: Bytes) -> usize {
+        let len = frame.len();
+        self.queued_bytes.set(self.queued_bytes.get() + len);
         self.queue.borrow_mut().push_back(frame);
+        len
     }
 
     /// Writes as much of the queue as the socket takes in one `sendmsg`; pops what was
@@ -346,12 +375,13 @@ impl ConnShared {
     }
 
     /// The connection's task is done: refuse everything from now on and free the queue.
-    fn finish(&self) {
+    /// Returns the bytes that were still queued.
+    fn finish(&self) -> usize {
         self.set(DONE);
         let mut q = self.queue.borrow_mut();
         q.clear();
         q.shrink_to_fit();
-        self.queued_bytes.set(0);
+        self.queued_bytes.replace(0)
     }
 }
 
@@ -410,7 +440,17 @@ async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads until `buf` holds a whole request. `Ok(None)`: the peer closed.
+/// [`write_all`] within `--handshake-timeout`: a client that never reads cannot hold the
+/// connection (and its descriptor) by leaving an answer unsent.
+async fn write_timed(core: &Core, stream: &TcpStream, data: &[u8]) -> io::Result<()> {
+    match monoio::time::timeout(core.config().handshake_timeout, write_all(stream, data)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Reads until `buf` holds a whole request. `Ok(None)`: the peer closed. Answers
+/// `Expect: 100-continue` once the head is in and the body is still to come.
 async fn read_request(
     core: &Core,
     stream: &TcpStream,
@@ -418,12 +458,23 @@ async fn read_request(
     max_body: usize,
 ) -> Result<Option<Request>, HttpError> {
     let fd = stream.as_raw_fd();
+    let mut continued = false;
     loop {
         if !buf.is_empty() {
             if let Some((req, used)) = http::parse_request(buf, max_body)? {
                 buf.drain(..used);
                 return Ok(Some(req));
             }
+            if !continued && http::wants_continue(buf) {
+                continued = true;
+                if write_all(stream, http::CONTINUE).await.is_err() {
+                    return Ok(None);
+                }
+            }
+        }
+        // Backpressure: an API call is a source of deliveries like a client's frame.
+        while core.shared.pressure.is_on() {
+            monoio::time::sleep(Duration::from_millis(5)).await;
         }
         if stream.readable(false).await.is_err() {
             return Ok(None);
@@ -442,39 +493,140 @@ async fn read_request(
     }
 }
 
+/// How long, and how much, a closing plain-HTTP connection keeps reading what the client
+/// still sends after our last answer (nginx's lingering close): closing a socket with unread
+/// bytes makes the kernel send a reset, which can destroy the answer (a 413 sent while the
+/// client is still uploading) before the client reads it.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Ends a plain-HTTP connection: sends our FIN, then discards what the client still sends
+/// for a bounded time and amount, or until it closes too. The socket closes when the stream
+/// is dropped.
+async fn linger_close(core: &Core, stream: &TcpStream) {
+    let fd = stream.as_raw_fd();
+    // SAFETY: shutdown of the write side of a socket we own.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_WR);
+    }
+    let drain = async {
+        let mut discarded = 0usize;
+        while discarded < LINGER_BYTES {
+            if stream.readable(false).await.is_err() {
+                return;
+            }
+            let mut scratch = core.scratch.borrow_mut();
+            match recv(fd, &mut scratch) {
+                Ok(0) => return,
+                Ok(n) => discarded += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = monoio::time::timeout(LINGER_TIME, drain).await;
+}
+
+/// Holds one of `--max-http-connections` for a connection that is not (yet) a WebSocket.
+struct HttpSlot(Rc<Core>);
+
+impl HttpSlot {
+    fn take(core: &Rc<Core>) -> Option<HttpSlot> {
+        let limit = core.config().http_connection_limit();
+        let open = &core.shared.http_connections;
+        if open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= limit {
+            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        }
+        core.http_open.set(core.http_open.get() + 1);
+        stats::add_gauge(&core.stats().http_connections, 1);
+        Some(HttpSlot(core.clone()))
+    }
+}
+
+impl Drop for HttpSlot {
+    fn drop(&mut self) {
+        self.0.http_closed();
+    }
+}
+
 // ---- the connection task -------------------------------------------------------------------
 
 /// Serves one accepted TCP connection until it closes.
 pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
+    let Some(slot) = HttpSlot::take(&core) else {
+        // Over the limit of not-yet-upgraded connections: one non-blocking attempt at a 503,
+        // then close. Nothing here waits on the client.
+        stats::inc(&core.stats().http_connections_refused);
+        core.stats().count_refusal(503);
+        let e = HttpError::new(503, "too many connections in progress: retry later");
+        let answer = http::error_response(&e);
+        // SAFETY: a non-blocking send of a valid buffer on our socket.
+        unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                answer.as_ptr() as *const libc::c_void,
+                answer.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            );
+        }
+        return;
+    };
     let stream = Rc::new(stream);
     let mut buf = Vec::new();
     let mut wait = core.config().handshake_timeout;
+    let mut peer_gone = false;
     loop {
         let max_body = core.config().max_message_size;
         let read = monoio::time::timeout(wait, read_request(&core, &stream, &mut buf, max_body));
-        let req = match read.await {
-            Err(_elapsed) => break,
-            Ok(Ok(Some(req))) => req,
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => {
-                let _ = write_all(&stream, &http::error_response(&e)).await;
+        // Waiting for a next keep-alive request ends at shutdown; a first request is read on
+        // (it may be an upgrade, which shutdown then refuses with 503).
+        let read = if wait == core.config().handshake_timeout {
+            Some(read.await)
+        } else {
+            core.unless_shutdown(read).await
+        };
+        let req = match read {
+            None | Some(Err(_)) => break,
+            Some(Ok(Ok(Some(req)))) => req,
+            Some(Ok(Ok(None))) => {
+                peer_gone = true;
+                break;
+            }
+            Some(Ok(Err(e))) => {
+                let _ = write_timed(&core, &stream, &http::error_response(&e)).await;
                 break;
             }
         };
         let is_echo = core.config().echo_path.as_deref() == Some(req.path.as_str());
         if req.path == "/ws" || is_echo {
-            upgrade(core, stream, req, std::mem::take(&mut buf), is_echo).await;
+            upgrade(core, stream, req, std::mem::take(&mut buf), is_echo, slot).await;
             return;
         }
-        let keep_alive = req.keep_alive();
-        let answer = crate::api::answer(&core, &req, keep_alive).await;
-        if write_all(&stream, &answer).await.is_err() || !keep_alive {
+        let keep_alive = req.keep_alive() && !core.shutting_down.get();
+        let mut answer = crate::api::answer(&core, &req, keep_alive).await;
+        if req.method == "HEAD" {
+            // The head alone, with the Content-Length the body would have had.
+            answer.truncate(http::head_len(&answer));
+        }
+        if write_timed(&core, &stream, &answer).await.is_err() {
+            peer_gone = true;
             break;
         }
-        wait = HTTP_KEEPALIVE;
+        if !keep_alive {
+            break;
+        }
+        wait = core.config().http_idle_timeout;
+    }
+    if !peer_gone {
+        linger_close(&core, &stream).await;
     }
     shutdown(stream.as_raw_fd());
+    drop(slot);
 }
 
 /// Refuses an upgrade with a plain HTTP answer.
@@ -482,7 +634,12 @@ async fn refuse(core: &Core, stream: &TcpStream, e: HttpError) {
     stats::inc(&core.stats().handshake_failures);
     core.stats().count_refusal(e.status);
     tracing::debug!(status = e.status, reason = %e.message, "upgrade refused");
-    let _ = write_all(stream, &http::error_response(&e)).await;
+    if write_timed(core, stream, &http::error_response(&e))
+        .await
+        .is_ok()
+    {
+        linger_close(core, stream).await;
+    }
     shutdown(stream.as_raw_fd());
 }
 
@@ -492,6 +649,7 @@ async fn upgrade(
     req: Request,
     leftover: Vec<u8>,
     echo: bool,
+    slot: HttpSlot,
 ) {
     let accept = match http::check_upgrade(&req) {
         Ok(a) => a,
@@ -512,6 +670,7 @@ async fn upgrade(
         }
     };
     drop(req);
+    fault_injection(user.as_deref());
     if core.shutting_down.get() {
         let e = HttpError::new(503, "server shutting down");
         return refuse(&core, &stream, e).await;
@@ -558,8 +717,8 @@ async fn upgrade(
             Err(_) => {
                 tracing::warn!(%key, "registration not confirmed in time");
                 core.remove_conn(key);
-                shutdown(stream.as_raw_fd());
-                return;
+                let e = HttpError::new(503, "the gateway is overloaded: retry later");
+                return refuse(&core, &stream, e).await;
             }
         }
     }
@@ -569,14 +728,16 @@ async fn upgrade(
     if let Some(user) = &user {
         handshake.extend_from_slice(&protocol::welcome(user, &key.to_string()));
     }
-    if write_all(&stream, &handshake).await.is_err() {
+    if write_timed(&core, &stream, &handshake).await.is_err() {
         // Counted with the closes, so closes add up to connections that ended.
         core.stats().count_close(None);
-        conn.finish();
+        core.queued_sub(conn.finish());
         core.remove_conn(key);
         shutdown(stream.as_raw_fd());
         return;
     }
+    // A WebSocket now: counted by --max-connections, no longer as plain HTTP.
+    drop(slot);
     stats::add(&core.stats().bytes_out, handshake.len() as u64);
     drop(handshake);
     conn.start_liveness(core.config().ping_interval);
@@ -606,17 +767,40 @@ async fn upgrade(
     monoio::spawn(run_connection(core, stream, conn, session));
 }
 
+/// Test builds only: a worker panics when the user named by `WSGATE_FAULT_PANIC_USER`
+/// connects, so the tests can check that a dead worker takes the process down with it.
+#[cfg(debug_assertions)]
+fn fault_injection(user: Option<&str>) {
+    if let (Some(user), Ok(target)) = (user, std::env::var("WSGATE_FAULT_PANIC_USER")) {
+        assert!(
+            user != target,
+            "injected fault: WSGATE_FAULT_PANIC_USER={target}"
+        );
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn fault_injection(_user: Option<&str>) {}
+
 /// With `--allowed-origins`, an upgrade carrying an `Origin` must name one of them.
 fn check_origin(config: &crate::Config, req: &Request) -> Result<(), HttpError> {
     if config.allowed_origins.is_empty() {
         return Ok(());
     }
     match req.header("origin") {
-        Some(o) if !config.allowed_origins.iter().any(|a| a == o.trim()) => {
+        Some(o) if !config.allowed_origins.iter().any(|a| same_origin(a, o)) => {
             Err(HttpError::new(403, "origin not allowed"))
         }
         _ => Ok(()),
     }
+}
+
+/// Whether two serialized origins name the same origin (RFC 6454 §5): scheme and host compare
+/// case-insensitively (ASCII), the port exactly; surrounding spaces and a trailing `/` in a
+/// configured value are forgiven.
+pub(crate) fn same_origin(configured: &str, presented: &str) -> bool {
+    let norm = |s: &str| s.trim().trim_end_matches('/').to_ascii_lowercase();
+    norm(configured) == norm(presented)
 }
 
 /// The identity of an upgrade: a JWT (`Authorization: Bearer` or `?token=`) when a secret is
@@ -771,6 +955,15 @@ impl Session {
 
     /// Handles one message; returns whether to keep decoding.
     fn on_msg(&mut self, core: &Core, conn: &ConnShared, msg: Msg<'_>) -> bool {
+        if self.state == ReadState::Failed {
+            // Closing (rate abuse): the rest of this read is only watched for a close frame.
+            if matches!(msg, Msg::Close(..)) {
+                conn.set_peer_closed();
+                self.state = ReadState::Closed;
+                return false;
+            }
+            return true;
+        }
         match msg {
             Msg::Ping(payload) => core.push_to(conn, codec::pong(payload)),
             Msg::Pong => {}
@@ -832,7 +1025,8 @@ impl Session {
                 stats::inc(&core.stats().rate_limited);
                 stats::inc(&core.stats().rate_limit_closes);
                 conn.request_close(CloseReq::initiate(1008, "rate limit exceeded", true));
-                self.state = ReadState::Closed;
+                // Read on for the client's close reply, which ends the close at once.
+                self.state = ReadState::Failed;
                 false
             }
         }
@@ -856,12 +1050,9 @@ impl Session {
                 let frame = protocol::message(from, Some(&room), data);
                 core.publish(&room, frame, parsed.id.map(|id| (self.key, id.to_owned())));
             }
-            Ok(ProtoRequest::Join { room }) => match core.join(self.key, &room) {
-                Joined::Ok => {
-                    if let Some(id) = parsed.id {
-                        core.push_to(conn, protocol::ack(id, None));
-                    }
-                }
+            Ok(ProtoRequest::Join { room }) => match core.join(self.key, &room, parsed.id) {
+                // Acked by the core, once publishes from every core reach the member.
+                Joined::Ok => {}
                 Joined::TooMany => {
                     stats::inc(&core.stats().too_many_rooms);
                     let e = ProtoError {
@@ -955,14 +1146,16 @@ fn run_connection(
                 if let Some(req) = conn.close.get() {
                     match req.kind {
                         CloseKind::Abort => break 'run,
-                        CloseKind::Initiate { flush: false } => conn.discard_unstarted(head),
+                        CloseKind::Initiate { flush: false } => {
+                            core.queued_sub(conn.discard_unstarted(head));
+                        }
                         _ => {}
                     }
                     let frame = match req.code {
                         Some(code) => codec::close(code, req.reason),
                         None => Bytes::from_static(&[0x88, 0x00]),
                     };
-                    conn.push_unbounded(frame);
+                    core.queued_add(conn.push_unbounded(frame));
                     // Shutdown may flush a full queue to every client at once: it gets the
                     // shutdown budget. Every other close is bounded by CLOSE_WAIT.
                     let wait = if req.code == Some(1001) {
@@ -987,12 +1180,17 @@ fn run_connection(
                     match conn.write_to(fd, &mut head) {
                         Ok(n) => {
                             stats::add(&core.stats().bytes_out, n as u64);
+                            core.queued_sub(n);
                             // A peer still taking bytes is slow, not dead: the close frame queued
-                            // behind them gets more time, up to the cap.
+                            // behind them gets more time, up to the cap. Never less than it
+                            // had (shutdown's budget is longer than CLOSE_WAIT).
                             if let Some(c) = &closing {
                                 if c.started.elapsed() > CLOSE_WAIT / 4 {
-                                    let later = (Instant::now() + CLOSE_WAIT).min(c.cap);
-                                    conn.close_deadline.set(Millis::from(later));
+                                    let later =
+                                        Millis::from((Instant::now() + CLOSE_WAIT).min(c.cap));
+                                    if later > conn.close_deadline.get() {
+                                        conn.close_deadline.set(later);
+                                    }
                                 }
                             }
                         }
@@ -1028,7 +1226,14 @@ fn run_connection(
                 Box::pin(monoio::time::sleep(Duration::from_millis(1))).await;
             }
             let event = poll_fn(|cx| {
-                if reading {
+                // Under backpressure the socket is left unread (its bytes wait in the kernel,
+                // and TCP flow control slows the client); queued frames still go out.
+                let may_read = reading
+                    && (core.may_read() || {
+                        conn.set(PAUSED);
+                        false
+                    });
+                if may_read {
                     match readable.as_mut().poll(cx) {
                         Poll::Ready(r) => {
                             burst += 1;
@@ -1073,7 +1278,7 @@ fn run_connection(
         }
         let code = closing.map(|c| c.req.code.unwrap_or(1005));
         core.stats().count_close(code);
-        conn.finish();
+        core.queued_sub(conn.finish());
         shutdown(fd);
         core.remove_conn(session.key);
     }

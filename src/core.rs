@@ -58,12 +58,27 @@ use smallvec::SmallVec;
 use crate::config::Config;
 use crate::conn::{CloseReq, ConnShared, Push};
 use crate::key::{ConnKey, GenSlab};
-use crate::mailbox::{Mailbox, MailboxSender};
+use crate::mailbox::{self, Mailbox, MailboxSender, Pressure, Reason};
 use crate::protocol;
 use crate::stats::{self, CoreStats};
 
 /// Keys of one user's connections, kept sorted so that keys of one core are contiguous.
 type KeyList = SmallVec<[ConnKey; 2]>;
+
+/// Sorted ids of the cores holding members of a room (a core id fits a byte: `MAX_CORES`).
+type CoreSet = SmallVec<[u8; 4]>;
+
+/// This core's members of one room.
+struct LocalRoom {
+    members: IndexSet<ConnKey>,
+    /// Numbers this appearance of the set (see [`CoreMsg::RoomCores`]).
+    seq: u64,
+    /// The room's owner has recorded that this core has members: publishes from other cores
+    /// reach them.
+    confirmed: bool,
+    /// Join acks held until then: (connection, request id).
+    waiting: Vec<(ConnKey, Box<RawValue>)>,
+}
 
 /// Who is waiting for a routed message's outcome.
 #[derive(Debug)]
@@ -85,6 +100,9 @@ enum Done {
     Ack { conn: ConnKey, id: Box<RawValue> },
     /// Wake a local task (an API call).
     Local(Rc<Slot>),
+    /// Pass the total on to whoever waits on another core (a room's owner gathering for the
+    /// publishing core).
+    Reply(Reply),
 }
 
 struct Waiter {
@@ -142,9 +160,17 @@ pub(crate) enum CoreMsg {
         keys: SmallVec<[ConnKey; 4]>,
         frame: Bytes,
     },
-    /// To every other core: deliver a frame to this core's members of `room`; answer with
-    /// the count when a waiter is named.
+    /// To a room's owner: deliver a frame to the members of `room` on every core that has
+    /// some, except `origin` (which delivered to its own); `reply` learns the total.
     RoomPublish {
+        room: Box<str>,
+        frame: Bytes,
+        origin: usize,
+        reply: Option<Reply>,
+    },
+    /// From a room's owner to a core with members: deliver a frame to this core's members of
+    /// `room`; answer with the count when a waiter is named.
+    RoomDeliver {
         room: Box<str>,
         frame: Bytes,
         waiter: Option<ConnKey>,
@@ -160,8 +186,17 @@ pub(crate) enum CoreMsg {
     Disconnect { user: Box<str>, waiter: ConnKey },
     /// To a connection's core: close these connections with 1008.
     Kick { keys: SmallVec<[ConnKey; 4]> },
-    /// To a room's owner: a core's member set of `room` appeared (`+1`) or emptied (`-1`).
-    RoomCores { room: Box<str>, delta: i32 },
+    /// To a room's owner: `core`'s member set of `room` appeared (`present`) or emptied.
+    /// `seq` numbers the appearance, for the confirmation.
+    RoomCores {
+        room: Box<str>,
+        core: usize,
+        present: bool,
+        seq: u64,
+    },
+    /// From a room's owner: it knows of this core's member set `seq` of `room`; publishes
+    /// from every core reach its members from now on (held join acks may go).
+    RoomConfirmed { room: Box<str>, seq: u64 },
     /// A count for a waiter of this core.
     Count { waiter: ConnKey, n: u64 },
     /// Stop accepting and close every connection with 1001.
@@ -178,19 +213,31 @@ pub(crate) struct Shared {
     /// Open WebSocket connections over all cores, for `--max-connections` (touched once per
     /// connect and disconnect, never per message).
     pub total_connections: std::sync::atomic::AtomicUsize,
+    /// Open not-yet-upgraded and plain-HTTP connections over all cores, for
+    /// `--max-http-connections` (touched once per connection).
+    pub http_connections: std::sync::atomic::AtomicUsize,
+    /// On while any queue is over its bound: cores stop reading from clients.
+    pub pressure: Arc<Pressure>,
+    /// Keys of the owner hash: one random pair per process, the same on every core, so
+    /// that nobody can choose user or room names that all land on one core.
+    pub owner_hash: std::collections::hash_map::RandomState,
 }
 
 impl Shared {
-    /// The core that owns `user`'s directory entry. Deterministic across cores (SipHash with
-    /// fixed keys); the maps themselves use random seeds against hash flooding.
+    /// The core that owns `user`'s directory entry (or a room's count). The same on every
+    /// core of this process; SipHash keyed at random per process against chosen names.
     pub fn owner_of(&self, user: &str) -> usize {
         if self.cores == 1 {
             return 0;
         }
-        #[allow(deprecated)]
-        let mut h = std::hash::SipHasher::new();
+        let mut h = std::hash::BuildHasher::build_hasher(&self.owner_hash);
         user.hash(&mut h);
         (h.finish() % self.cores as u64) as usize
+    }
+
+    /// Each core's share of `--max-total-queued-bytes`.
+    pub fn queued_bytes_share(&self) -> usize {
+        (self.config.max_total_queued_bytes / self.cores).max(1)
     }
 
     /// Asks every core to shut down.
@@ -229,9 +276,23 @@ pub(crate) struct Core {
     pub shared: Arc<Shared>,
     pub conns: RefCell<GenSlab<ConnEntry>>,
     directory: RefCell<HashMap<Box<str>, KeyList>>,
-    rooms: RefCell<HashMap<Box<str>, IndexSet<ConnKey>>>,
-    /// Rooms this core owns (`hash(room) % cores`): how many cores hold members of each.
-    owned_rooms: RefCell<HashMap<Box<str>, i32>>,
+    rooms: RefCell<HashMap<Box<str>, LocalRoom>>,
+    /// Rooms this core owns (`hash(room) % cores`): which cores hold members of each.
+    owned_rooms: RefCell<HashMap<Box<str>, CoreSet>>,
+    /// Numbers each appearance of a local member set, so the owner's confirmation of an old
+    /// one is not taken for a newer one.
+    room_seq: Cell<u64>,
+    /// Outbound bytes queued on this core's connections (the gateway-wide bound's share).
+    queued_bytes: Cell<usize>,
+    /// Some connection of this core paused reading under backpressure.
+    any_paused: Cell<bool>,
+    /// The resume task, parked until a connection pauses.
+    resume_waker: Cell<Option<Waker>>,
+    /// Plain-HTTP connections of this core (counted in `Shared::http_connections` too).
+    pub http_open: Cell<usize>,
+    /// Tasks waiting on something that shutdown must cut short (a keep-alive wait, an API
+    /// call's counts), woken when it begins.
+    shutdown_waiters: RefCell<slab::Slab<Waker>>,
     waiters: RefCell<GenSlab<Waiter>>,
     outbox: RefCell<Vec<Vec<CoreMsg>>>,
     flush_pending: Cell<bool>,
@@ -257,6 +318,12 @@ impl Core {
             directory: RefCell::new(HashMap::new()),
             rooms: RefCell::new(HashMap::new()),
             owned_rooms: RefCell::new(HashMap::new()),
+            room_seq: Cell::new(0),
+            queued_bytes: Cell::new(0),
+            any_paused: Cell::new(false),
+            resume_waker: Cell::new(None),
+            http_open: Cell::new(0),
+            shutdown_waiters: RefCell::new(slab::Slab::new()),
             waiters: RefCell::new(GenSlab::new(id)),
             outbox: RefCell::new((0..cores).map(|_| Vec::new()).collect()),
             flush_pending: Cell::new(false),
@@ -311,7 +378,13 @@ impl Core {
             for (core, batch) in batches {
                 stats::inc(&self.stats().batches_sent);
                 stats::add(&self.stats().batched_messages, batch.len() as u64);
-                self.shared.mailboxes[core].send_batch(batch);
+                mailbox::send_bounded(
+                    core,
+                    &self.shared.mailboxes[core],
+                    batch,
+                    self.config().mailbox_limit,
+                    &self.shared.pressure,
+                );
             }
         }
     }
@@ -321,9 +394,11 @@ impl Core {
         let mut batches = Vec::new();
         while mailbox.recv_all(&mut batches).await.is_some() {
             for batch in batches.drain(..) {
+                let n = batch.len();
                 for msg in batch {
                     self.handle(msg);
                 }
+                mailbox.handled(n);
             }
         }
     }
@@ -340,6 +415,15 @@ impl Core {
                 }
             }
             CoreMsg::RoomPublish {
+                room,
+                frame,
+                origin,
+                reply,
+            } => {
+                let local = self.publish_local(&room, &frame);
+                self.fan_out_room(&room, &frame, origin, local, reply.map(Done::Reply));
+            }
+            CoreMsg::RoomDeliver {
                 room,
                 frame,
                 waiter,
@@ -368,7 +452,13 @@ impl Core {
                     self.kick_local(key);
                 }
             }
-            CoreMsg::RoomCores { room, delta } => self.room_cores_owned(room, delta),
+            CoreMsg::RoomCores {
+                room,
+                core,
+                present,
+                seq,
+            } => self.room_cores_owned(room, core, present, seq),
+            CoreMsg::RoomConfirmed { room, seq } => self.room_confirmed(&room, seq),
             CoreMsg::Count { waiter, n } => self.count(waiter, n),
             CoreMsg::Shutdown => self.begin_shutdown(),
         }
@@ -523,6 +613,7 @@ impl Core {
         match done {
             Done::Ack { conn, id } => self.deliver_to(conn, protocol::ack(&id, Some(sum))),
             Done::Local(slot) => slot.set(sum),
+            Done::Reply(reply) => self.complete(reply, sum),
         }
     }
 
@@ -561,34 +652,48 @@ impl Core {
 
     // ---- rooms ---------------------------------------------------------------------------
 
-    /// Makes a connection of this core a member of `room`.
-    pub fn join(&self, key: ConnKey, room: &str) -> Joined {
+    /// Makes a connection of this core a member of `room`, and acks `id` (if any) once
+    /// publishes from every core reach it: at once when the room's owner already knows this
+    /// core has members, else when the owner confirms (the join's round trip).
+    pub fn join(&self, key: ConnKey, room: &str, id: Option<&RawValue>) -> Joined {
         let mut conns = self.conns.borrow_mut();
         let Some(entry) = conns.get_mut(key) else {
             return Joined::Ok;
         };
-        if entry.rooms.iter().any(|r| &**r == room) {
-            return Joined::Ok;
+        if !entry.rooms.iter().any(|r| &**r == room) {
+            if entry.rooms.len() >= self.config().max_rooms_per_conn {
+                return Joined::TooMany;
+            }
+            entry.rooms.push(room.into());
         }
-        if entry.rooms.len() >= self.config().max_rooms_per_conn {
-            return Joined::TooMany;
-        }
-        entry.rooms.push(room.into());
         drop(conns);
+        let owner_here = self.shared.owner_of(room) == self.id;
         let mut rooms = self.rooms.borrow_mut();
-        let mut appeared = false;
-        rooms
-            .entry(room.into())
-            .or_insert_with(|| {
-                appeared = true;
-                IndexSet::new()
-            })
-            .insert(key);
+        let mut appeared = None;
+        let local = rooms.entry(room.into()).or_insert_with(|| {
+            let seq = self.room_seq.get() + 1;
+            self.room_seq.set(seq);
+            appeared = Some(seq);
+            LocalRoom {
+                members: IndexSet::new(),
+                seq,
+                confirmed: owner_here,
+                waiting: Vec::new(),
+            }
+        });
+        local.members.insert(key);
+        let ack_now = local.confirmed;
+        if let (false, Some(id)) = (ack_now, id) {
+            local.waiting.push((key, id.to_owned()));
+        }
         drop(rooms);
-        if appeared {
+        if let Some(seq) = appeared {
             // Told with nothing borrowed: on the owner core this is handled right here.
             stats::add_gauge(&self.stats().local_rooms, 1);
-            self.room_cores(room, 1);
+            self.room_cores(room, true, seq);
+        }
+        if let (true, Some(id)) = (ack_now, id) {
+            self.deliver_local(key, protocol::ack(id, None));
         }
         Joined::Ok
     }
@@ -603,49 +708,100 @@ impl Core {
 
     fn leave_room_set(&self, key: ConnKey, room: &str) {
         let mut rooms = self.rooms.borrow_mut();
-        if let Some(members) = rooms.get_mut(room) {
-            members.swap_remove(&key);
-            if members.is_empty() {
-                rooms.remove(room);
-                drop(rooms);
-                stats::add_gauge(&self.stats().local_rooms, -1);
-                self.room_cores(room, -1);
+        let Some(local) = rooms.get_mut(room) else {
+            return;
+        };
+        local.members.swap_remove(&key);
+        // A join ack still held goes out before whatever follows the leave (its ack).
+        let mut acks: Vec<(ConnKey, Box<RawValue>)> = Vec::new();
+        let emptied = if local.members.is_empty() {
+            let gone = rooms.remove(room).expect("present");
+            acks = gone.waiting;
+            Some(gone.seq)
+        } else {
+            if local.waiting.iter().any(|(k, _)| *k == key) {
+                local.waiting.retain(|(k, id)| {
+                    if *k == key {
+                        acks.push((*k, id.clone()));
+                    }
+                    *k != key
+                });
             }
+            None
+        };
+        drop(rooms);
+        for (k, id) in acks {
+            self.deliver_local(k, protocol::ack(&id, None));
+        }
+        if let Some(seq) = emptied {
+            stats::add_gauge(&self.stats().local_rooms, -1);
+            self.room_cores(room, false, seq);
         }
     }
 
     /// Tells `room`'s owner that this core's member set appeared or emptied.
-    fn room_cores(&self, room: &str, delta: i32) {
+    fn room_cores(&self, room: &str, present: bool, seq: u64) {
         let msg = CoreMsg::RoomCores {
             room: room.into(),
-            delta,
+            core: self.id,
+            present,
+            seq,
         };
         self.on_owner_of(room, msg);
     }
 
-    /// On a room's owner: counts the cores with members; the room exists while any has.
-    /// Each core's appear/empty messages travel one FIFO path, so the count never drops
-    /// below zero.
-    fn room_cores_owned(&self, room: Box<str>, delta: i32) {
+    /// On a room's owner: which cores hold members; the room exists while any does. Each
+    /// core's appear/empty messages travel one FIFO path, so they arrive in order. An
+    /// appearance is confirmed to its core once recorded: every publish the owner handles
+    /// after it reaches that core's members.
+    fn room_cores_owned(&self, room: Box<str>, core: usize, present: bool, seq: u64) {
+        let Ok(c) = u8::try_from(core) else {
+            return;
+        };
         let mut owned = self.owned_rooms.borrow_mut();
-        let was = owned.get(&room).copied().unwrap_or(0);
-        let now = (was + delta).max(0);
-        if now == 0 {
-            owned.remove(&room);
-        } else {
-            owned.insert(room, now);
+        if present {
+            let set = owned.entry(room.clone()).or_default();
+            if set.is_empty() {
+                stats::add_gauge(&self.stats().rooms, 1);
+            }
+            if let Err(pos) = set.binary_search(&c) {
+                set.insert(pos, c);
+            }
+            drop(owned);
+            if core != self.id {
+                self.post(core, CoreMsg::RoomConfirmed { room, seq });
+            }
+        } else if let Some(set) = owned.get_mut(&room) {
+            set.retain(|x| *x != c);
+            if set.is_empty() {
+                owned.remove(&room);
+                stats::add_gauge(&self.stats().rooms, -1);
+            }
         }
-        match (was, now) {
-            (0, n) if n > 0 => stats::add_gauge(&self.stats().rooms, 1),
-            (w, 0) if w > 0 => stats::add_gauge(&self.stats().rooms, -1),
-            _ => {}
+    }
+
+    /// On a member core: the owner has recorded member set `seq`; held join acks go out.
+    fn room_confirmed(&self, room: &str, seq: u64) {
+        let waiting = {
+            let mut rooms = self.rooms.borrow_mut();
+            match rooms.get_mut(room) {
+                Some(local) if local.seq == seq => {
+                    local.confirmed = true;
+                    std::mem::take(&mut local.waiting)
+                }
+                // An older appearance of the set (it emptied since): nothing to do.
+                _ => return,
+            }
+        };
+        for (key, id) in waiting {
+            self.deliver_local(key, protocol::ack(&id, None));
         }
     }
 
     /// Delivers to this core's members of `room`; returns how many.
     fn publish_local(&self, room: &str, frame: &Bytes) -> u64 {
         let members: SmallVec<[ConnKey; 16]> = match self.rooms.borrow().get(room) {
-            Some(m) => m.iter().copied().collect(),
+            Some(m) => m.members.iter().copied().collect(),
             None => return 0,
         };
         for key in &members {
@@ -660,11 +816,63 @@ impl Core {
     pub fn publish(&self, room: &str, frame: Bytes, ack: Option<(ConnKey, Box<RawValue>)>) {
         let local = self.publish_local(room, &frame);
         let done = ack.map(|(conn, id)| Done::Ack { conn, id });
-        self.gather_all(local, done, |waiter| CoreMsg::RoomPublish {
-            room: room.into(),
-            frame: frame.clone(),
-            waiter,
-        });
+        self.publish_remote(room, frame, local, done);
+    }
+
+    /// After delivering to this core's members (`local` of them): the other cores with
+    /// members get the frame through the room's owner, which alone knows where they are.
+    /// Cores without members of the room receive nothing.
+    fn publish_remote(&self, room: &str, frame: Bytes, local: u64, done: Option<Done>) {
+        let owner = self.shared.owner_of(room);
+        if owner == self.id {
+            self.fan_out_room(room, &frame, self.id, local, done);
+            return;
+        }
+        let reply = match done {
+            Some(done) => self.add_waiter(1, local, done).map(Reply::Waiter),
+            None => None,
+        };
+        self.post(
+            owner,
+            CoreMsg::RoomPublish {
+                room: room.into(),
+                frame,
+                origin: self.id,
+                reply,
+            },
+        );
+    }
+
+    /// On a room's owner (which has delivered to its own members, `sum` so far): sends the
+    /// frame to every other core with members except `origin`, and gathers their counts into
+    /// `done`.
+    fn fan_out_room(&self, room: &str, frame: &Bytes, origin: usize, sum: u64, done: Option<Done>) {
+        let targets: CoreSet = match self.owned_rooms.borrow().get(room) {
+            Some(set) => set
+                .iter()
+                .copied()
+                .filter(|c| usize::from(*c) != origin && usize::from(*c) != self.id)
+                .collect(),
+            None => CoreSet::new(),
+        };
+        let waiter = match done {
+            Some(done) if targets.is_empty() => {
+                self.finish(done, sum);
+                None
+            }
+            Some(done) => self.add_waiter(targets.len(), sum, done),
+            None => None,
+        };
+        for core in targets {
+            self.post(
+                usize::from(core),
+                CoreMsg::RoomDeliver {
+                    room: room.into(),
+                    frame: frame.clone(),
+                    waiter,
+                },
+            );
+        }
     }
 
     /// Delivers to every user connection of this core; returns how many.
@@ -704,13 +912,7 @@ impl Core {
     pub fn api_publish(&self, room: &str, frame: Bytes) -> Rc<Slot> {
         let slot = Rc::new(Slot::default());
         let local = self.publish_local(room, &frame);
-        self.gather_all(local, Some(Done::Local(slot.clone())), |waiter| {
-            CoreMsg::RoomPublish {
-                room: room.into(),
-                frame: frame.clone(),
-                waiter,
-            }
-        });
+        self.publish_remote(room, frame, local, Some(Done::Local(slot.clone())));
         slot
     }
 
@@ -843,10 +1045,78 @@ impl Core {
 
     /// Queues a frame on a connection, closing it as a slow consumer on overflow.
     pub fn push_to(&self, conn: &ConnShared, frame: Bytes) {
+        let len = frame.len();
         match conn.push(frame, self.config().max_queued_bytes) {
-            Push::Queued => stats::inc(&self.stats().messages_out),
+            Push::Queued => {
+                stats::inc(&self.stats().messages_out);
+                self.queued_add(len);
+            }
             Push::Overflow => stats::inc(&self.stats().slow_consumer_closes),
             Push::Closed => {}
+        }
+    }
+
+    // ---- backpressure --------------------------------------------------------------------
+
+    /// `n` more bytes are queued on one of this core's connections. Past the core's share of
+    /// `--max-total-queued-bytes`, every core stops reading from clients.
+    pub fn queued_add(&self, n: usize) {
+        let total = self.queued_bytes.get().saturating_add(n);
+        self.queued_bytes.set(total);
+        if total > self.shared.queued_bytes_share()
+            && !self.shared.pressure.has(self.id, Reason::QueuedBytes)
+        {
+            self.shared.pressure.set(self.id, Reason::QueuedBytes, true);
+        }
+    }
+
+    /// `n` queued bytes left (written, or dropped with their connection). At three quarters
+    /// of the share, this core's pressure ends.
+    pub fn queued_sub(&self, n: usize) {
+        let total = self.queued_bytes.get().saturating_sub(n);
+        self.queued_bytes.set(total);
+        if total <= self.shared.queued_bytes_share() / 4 * 3
+            && self.shared.pressure.has(self.id, Reason::QueuedBytes)
+        {
+            self.shared
+                .pressure
+                .set(self.id, Reason::QueuedBytes, false);
+        }
+    }
+
+    /// Whether a connection may read from its client now. Under backpressure it may not: the
+    /// connection is marked paused (by the caller) and the resume task wakes it when the
+    /// pressure ends.
+    pub fn may_read(&self) -> bool {
+        if !self.shared.pressure.is_on() {
+            return true;
+        }
+        if !self.any_paused.replace(true) {
+            stats::inc(&self.stats().backpressure_pauses);
+            if let Some(w) = self.resume_waker.take() {
+                w.wake();
+            }
+        }
+        false
+    }
+
+    /// The resume task: once connections have paused, waits for the pressure to end and
+    /// wakes every paused connection of this core (one walk over the slab per episode).
+    pub async fn run_resumer(self: Rc<Self>) {
+        loop {
+            wait_until(&self.resume_waker, || self.any_paused.get()).await;
+            self.shared.pressure.off(self.id).await;
+            self.any_paused.set(false);
+            let paused: Vec<Rc<ConnShared>> = self
+                .conns
+                .borrow()
+                .iter()
+                .filter(|(_, e)| e.conn.is_paused())
+                .map(|(_, e)| e.conn.clone())
+                .collect();
+            for conn in paused {
+                conn.resume();
+            }
         }
     }
 
@@ -891,8 +1161,61 @@ impl Core {
         for conn in conns {
             conn.request_close(CloseReq::initiate(1001, "server shutting down", true));
         }
+        let waiters: Vec<Waker> = self
+            .shutdown_waiters
+            .borrow()
+            .iter()
+            .map(|(_, w)| w.clone())
+            .collect();
+        for w in waiters {
+            w.wake();
+        }
         if let Some(w) = self.drain_waker.take() {
             w.wake();
+        }
+    }
+
+    /// Runs `fut` to completion unless shutdown begins first (then `None`).
+    pub async fn unless_shutdown<F: std::future::Future>(&self, fut: F) -> Option<F::Output> {
+        /// Frees the waiter's slot however the wait ends.
+        struct Slot<'a>(&'a RefCell<slab::Slab<Waker>>, Option<usize>);
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                if let Some(i) = self.1 {
+                    self.0.borrow_mut().try_remove(i);
+                }
+            }
+        }
+        let mut fut = std::pin::pin!(fut);
+        let mut slot = Slot(&self.shutdown_waiters, None);
+        poll_fn(|cx| {
+            if self.shutting_down.get() {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            let mut waiters = self.shutdown_waiters.borrow_mut();
+            match slot.1 {
+                Some(i) => waiters[i] = cx.waker().clone(),
+                None => slot.1 = Some(waiters.insert(cx.waker().clone())),
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// A plain-HTTP connection of this core ended (see [`Core::http_open`]).
+    pub fn http_closed(&self) {
+        self.http_open.set(self.http_open.get().saturating_sub(1));
+        self.shared
+            .http_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        stats::add_gauge(&self.stats().http_connections, -1);
+        if self.shutting_down.get() {
+            if let Some(w) = self.drain_waker.take() {
+                w.wake();
+            }
         }
     }
 
@@ -908,10 +1231,18 @@ impl Core {
             monoio::time::sleep(tick).await;
             let now = crate::conn::Millis::now();
             let mut idle_closed = 0;
+            let mut pings = 0;
             for (_, entry) in self.conns.borrow().iter() {
-                idle_closed += u64::from(entry.conn.sweep(now, ping, idle));
+                let (closed, pinged) = entry.conn.sweep(now, ping, idle);
+                idle_closed += u64::from(closed);
+                pings += pinged;
             }
+            self.queued_add(pings);
             stats::add(&self.stats().idle_closes, idle_closed);
+            self.stats().queued_bytes.store(
+                self.queued_bytes.get() as i64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             // mimalloc purges freed pages lazily, on later allocator activity: after a burst
             // of handshakes an idle core would keep their memory resident for good.
             // SAFETY: mi_collect only walks this thread's own heap.
@@ -919,10 +1250,11 @@ impl Core {
         }
     }
 
-    /// Resolves once shutdown has begun and every connection of this core is gone.
+    /// Resolves once shutdown has begun and every connection of this core is gone, plain
+    /// HTTP ones included (each is answered or cut short first).
     pub async fn drained(&self) {
         wait_until(&self.drain_waker, || {
-            self.shutting_down.get() && self.conns.borrow().is_empty()
+            self.shutting_down.get() && self.conns.borrow().is_empty() && self.http_open.get() == 0
         })
         .await
     }

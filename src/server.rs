@@ -3,8 +3,9 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -13,8 +14,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, DriverKind};
 use crate::core::{Core, CoreMsg, Shared};
-use crate::mailbox::{mailbox, Mailbox};
-use crate::stats::{CoreStats, Snapshot};
+use crate::mailbox::{mailbox, Mailbox, Pressure};
+use crate::stats::{self, CoreStats, Snapshot};
 
 /// io_uring submission queue size per worker.
 const URING_ENTRIES: u32 = 1024;
@@ -71,14 +72,37 @@ impl Handle {
     }
 }
 
-fn listener(addr: SocketAddr) -> io::Result<StdListener> {
+fn listener(addr: SocketAddr, config: &Config) -> io::Result<StdListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    dead_peer_detection(&socket, config)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
+}
+
+/// TCP-level detection of peers that vanished without a FIN or RST (a cable pulled, a NAT
+/// that forgot the flow), set once on the listener: accepted sockets inherit these options
+/// from it, so no connection pays a system call for them.
+/// * `TCP_USER_TIMEOUT` = `--idle-timeout`: bytes the peer has not acknowledged for that long
+///   (including a zero window it never reopens) end the connection with an error, which the
+///   connection's task sees at once, instead of waiting for the kernel's ~15 minutes of
+///   retransmissions.
+/// * Keepalive probes after `--idle-timeout` of silence, for connections with nothing to send
+///   (a plain HTTP keep-alive connection, a connection mid-handshake). WebSocket connections
+///   are pinged by the gateway itself long before.
+fn dead_peer_detection(socket: &Socket, config: &Config) -> io::Result<()> {
+    // Inherited by accepted sockets too: no `setsockopt` per connection.
+    socket.set_nodelay(true)?;
+    let idle = config.idle_timeout;
+    socket.set_tcp_user_timeout(Some(idle))?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    socket.set_tcp_keepalive(&keepalive)
 }
 
 impl Server {
@@ -88,7 +112,7 @@ impl Server {
         let cores = config.worker_count();
         let requested = config.listen;
         // Bind once to learn the port (port 0), then bind the others to the same one.
-        let first = listener(requested).map_err(|source| StartError::Listen {
+        let first = listener(requested, &config).map_err(|source| StartError::Listen {
             addr: requested,
             source,
         })?;
@@ -98,10 +122,16 @@ impl Server {
         })?;
         let mut listeners = vec![first];
         for _ in 1..cores {
-            listeners.push(listener(addr).map_err(|source| StartError::Listen { addr, source })?);
+            listeners.push(
+                listener(addr, &config).map_err(|source| StartError::Listen { addr, source })?,
+            );
         }
 
-        let (senders, boxes): (Vec<_>, Vec<_>) = (0..cores).map(|_| mailbox()).unzip();
+        let pressure = Arc::new(Pressure::new(cores));
+        let limit = config.mailbox_limit;
+        let (senders, boxes): (Vec<_>, Vec<_>) = (0..cores)
+            .map(|id| mailbox(id, limit, pressure.clone()))
+            .unzip();
         let shared = Arc::new(Shared {
             config,
             cores,
@@ -109,6 +139,9 @@ impl Server {
             stats: (0..cores).map(|_| CoreStats::default()).collect(),
             shutdown: AtomicBool::new(false),
             total_connections: std::sync::atomic::AtomicUsize::new(0),
+            http_connections: std::sync::atomic::AtomicUsize::new(0),
+            pressure,
+            owner_hash: std::collections::hash_map::RandomState::new(),
         });
 
         let core_ids = core_affinity::get_core_ids().unwrap_or_default();
@@ -194,6 +227,11 @@ fn uring_setup() -> io_uring::Builder {
     b
 }
 
+/// A worker thread. If it ends for any reason other than a shutdown (a panic in any task, a
+/// runtime that stops), the whole process aborts: a gateway missing one core would keep
+/// looking alive while the users, rooms and API calls that core owns fail (its listener leaves
+/// the reuseport group, registrations to it time out). Exiting lets the supervisor (systemd's
+/// `Restart=`, Kubernetes) restart a whole, working process; clients reconnect.
 fn worker(
     id: usize,
     shared: Arc<Shared>,
@@ -201,7 +239,39 @@ fn worker(
     mailbox: Mailbox<CoreMsg>,
     ready: Ready,
 ) {
-    let run = run_core(id, shared.clone(), listener, mailbox, ready.clone());
+    let started = Arc::new(AtomicBool::new(false));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_worker(id, &shared, listener, mailbox, ready, &started)
+    }));
+    // Failing during start is reported to `Server::start` instead (a clean error exit).
+    if started.load(Ordering::SeqCst) && !shared.shutdown.load(Ordering::SeqCst) {
+        let why = if outcome.is_err() {
+            "a task panicked"
+        } else {
+            "its runtime stopped"
+        };
+        tracing::error!(core = id, "worker died ({why}): aborting the whole process");
+        eprintln!("wsgate: worker {id} died ({why}); aborting so a supervisor restarts it");
+        std::process::abort();
+    }
+}
+
+fn run_worker(
+    id: usize,
+    shared: &Arc<Shared>,
+    listener: StdListener,
+    mailbox: Mailbox<CoreMsg>,
+    ready: Ready,
+    started: &Arc<AtomicBool>,
+) {
+    let run = run_core(
+        id,
+        shared.clone(),
+        listener,
+        mailbox,
+        ready.clone(),
+        started.clone(),
+    );
     let built = match shared.config.driver {
         DriverKind::Auto => monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
             .with_entries(URING_ENTRIES)
@@ -231,6 +301,7 @@ async fn run_core(
     listener: StdListener,
     mailbox: Mailbox<CoreMsg>,
     ready: Ready,
+    started: Arc<AtomicBool>,
 ) {
     let core = Core::new(id, shared);
     let listener = match monoio::net::TcpListener::from_std(listener) {
@@ -246,7 +317,9 @@ async fn run_core(
     monoio::spawn(core.clone().run_flusher());
     monoio::spawn(core.clone().run_mailbox(mailbox));
     monoio::spawn(core.clone().run_sweeper());
+    monoio::spawn(core.clone().run_resumer());
     monoio::spawn(accept_loop(core.clone(), listener, cancel));
+    started.store(true, Ordering::SeqCst);
     let _ = ready.send(Ok(()));
 
     core.shutdown_started().await;
@@ -264,13 +337,17 @@ async fn run_core(
     }
 }
 
-/// Accepts until shutdown. Accept never dies: errors are logged and the loop goes on, with a
-/// short pause when the process is out of file descriptors.
+/// Accepts until shutdown. Accept never dies: errors are counted and logged and the loop goes
+/// on. Out of file descriptors (`EMFILE`/`ENFILE`), the kernel keeps the pending connections
+/// in the backlog and accept fails at once, in a loop, while every client waits: the core
+/// keeps one spare descriptor for that moment, closes it to accept and immediately close the
+/// waiting connections (they see a reset and can retry elsewhere), then takes it back.
 async fn accept_loop(
     core: Rc<Core>,
     listener: monoio::net::TcpListener,
     cancel: monoio::io::CancelHandle,
 ) {
+    let mut spare = Spare::open();
     loop {
         match listener.cancelable_accept(cancel.clone()).await {
             Ok((stream, _peer)) => {
@@ -278,18 +355,75 @@ async fn accept_loop(
             }
             Err(_) if core.shutting_down.get() => break,
             Err(e) => {
+                stats::inc(&core.stats().accept_errors);
                 let fd_exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
-                tracing::warn!(core = core.id, error = %e, "accept failed");
                 if fd_exhausted {
-                    monoio::time::sleep(Duration::from_millis(100)).await;
+                    let shed = spare.shed_backlog(listener.as_raw_fd());
+                    tracing::warn!(
+                        core = core.id,
+                        shed,
+                        "out of file descriptors: refused waiting connections"
+                    );
+                    // Let the connections that hold descriptors make progress (and close).
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                } else {
+                    tracing::warn!(core = core.id, error = %e, "accept failed");
                 }
             }
         }
     }
+    // Dropping the listener here closes it: with shutdown begun, new clients are refused at
+    // once instead of waiting in a backlog nobody accepts from.
+    drop(listener);
 }
 
-fn snapshot(shared: &Shared) -> (Snapshot, Vec<Snapshot>) {
-    let per_core: Vec<Snapshot> = shared.stats.iter().map(CoreStats::snapshot).collect();
+/// A descriptor held in reserve for accepting while the process is out of descriptors.
+struct Spare(Option<std::fs::File>);
+
+impl Spare {
+    fn open() -> Spare {
+        Spare(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Frees the spare descriptor, accepts and closes up to a bounded number of waiting
+    /// connections, and takes the spare back. Returns how many were shed.
+    fn shed_backlog(&mut self, listener: std::os::fd::RawFd) -> usize {
+        self.0 = None;
+        let mut shed = 0;
+        while shed < 256 {
+            // SAFETY: accept4 on our listening socket; the result is closed right away.
+            let fd = unsafe {
+                libc::accept4(
+                    listener,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                break;
+            }
+            // SAFETY: fd was just returned by accept4 and is owned by nobody else.
+            unsafe { libc::close(fd) };
+            shed += 1;
+        }
+        *self = Spare::open();
+        shed
+    }
+}
+
+/// Every core's counters (mailbox depths included) and their sum.
+pub(crate) fn snapshot(shared: &Shared) -> (Snapshot, Vec<Snapshot>) {
+    let per_core: Vec<Snapshot> = shared
+        .stats
+        .iter()
+        .zip(&shared.mailboxes)
+        .map(|(s, mb)| {
+            let mut snap = s.snapshot();
+            snap.mailbox_depth = mb.depth() as i64;
+            snap
+        })
+        .collect();
     (Snapshot::total(&per_core), per_core)
 }
 

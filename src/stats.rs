@@ -57,6 +57,18 @@ pub struct CoreStats {
     pub batches_sent: AtomicU64,
     /// Messages carried in those batches.
     pub batched_messages: AtomicU64,
+    /// TCP connections not (yet) upgraded: reading a request, answering plain HTTP, waiting
+    /// for the next keep-alive request (gauge).
+    pub http_connections: AtomicI64,
+    /// Connections refused at once because `--max-http-connections` were open.
+    pub http_connections_refused: AtomicU64,
+    /// Outbound bytes queued on this core's connections, not yet written (gauge).
+    pub queued_bytes: AtomicI64,
+    /// Times this core stopped reading from clients because the gateway was over a queue
+    /// bound (a cross-core mailbox or `--max-total-queued-bytes`).
+    pub backpressure_pauses: AtomicU64,
+    /// Failed `accept` calls (out of file descriptors, or other errors).
+    pub accept_errors: AtomicU64,
 }
 
 /// Close codes counted one by one (others are counted as `other`).
@@ -124,6 +136,14 @@ pub struct Snapshot {
     pub refusals: std::collections::BTreeMap<String, u64>,
     pub batches_sent: u64,
     pub batched_messages: u64,
+    pub http_connections: i64,
+    pub http_connections_refused: u64,
+    pub queued_bytes: i64,
+    pub backpressure_pauses: u64,
+    pub accept_errors: u64,
+    /// Messages queued to this core by other cores and not yet handled (filled in from the
+    /// mailbox by whoever takes the snapshot).
+    pub mailbox_depth: i64,
 }
 
 impl CoreStats {
@@ -151,6 +171,12 @@ impl CoreStats {
             refusals: labelled(&REFUSAL_STATUSES, &self.refusals, "other"),
             batches_sent: self.batches_sent.load(Relaxed),
             batched_messages: self.batched_messages.load(Relaxed),
+            http_connections: self.http_connections.load(Relaxed),
+            http_connections_refused: self.http_connections_refused.load(Relaxed),
+            queued_bytes: self.queued_bytes.load(Relaxed),
+            backpressure_pauses: self.backpressure_pauses.load(Relaxed),
+            accept_errors: self.accept_errors.load(Relaxed),
+            mailbox_depth: 0,
         }
     }
 }
@@ -185,6 +211,12 @@ impl Snapshot {
             }
             t.batches_sent += s.batches_sent;
             t.batched_messages += s.batched_messages;
+            t.http_connections += s.http_connections;
+            t.http_connections_refused += s.http_connections_refused;
+            t.queued_bytes += s.queued_bytes;
+            t.backpressure_pauses += s.backpressure_pauses;
+            t.accept_errors += s.accept_errors;
+            t.mailbox_depth += s.mailbox_depth;
         }
         t
     }
