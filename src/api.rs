@@ -216,9 +216,19 @@ pub(crate) fn metrics(core: &Core) -> String {
         |s| s.queued_bytes,
     );
     gauge(
+        "wsgate_queued_bytes_peak",
+        "The most outbound bytes the core ever had queued (compare with max_total_queued_bytes / cores).",
+        |s| s.queued_bytes_peak,
+    );
+    gauge(
         "wsgate_mailbox_depth",
         "Messages other cores queued to this core, not yet handled.",
         |s| s.mailbox_depth,
+    );
+    gauge(
+        "wsgate_mailbox_peak",
+        "The highest mailbox depth since start (compare with mailbox_limit).",
+        |s| s.mailbox_peak,
     );
     let counter = |name: &str, help: &str, get: fn(&Snapshot) -> u64| {
         let c = IntCounterVec::new(Opts::new(name, help), &["core"]).expect("valid metric");

@@ -74,7 +74,9 @@ pub struct Config {
 
     /// Messages one core may have queued from the other cores before every core stops
     /// reading from clients until it catches up (cross-core backpressure).
-    #[arg(long, env = "WSGATE_MAILBOX_LIMIT", default_value_t = 65536)]
+    /// Also bounds the overshoot of `--max-total-queued-bytes`: publishes already in flight
+    /// between cores when the pressure turns on are still delivered.
+    #[arg(long, env = "WSGATE_MAILBOX_LIMIT", default_value_t = 8192)]
     pub mailbox_limit: usize,
 
     /// Most TCP connections not upgraded to WebSocket (reading a request, answering plain

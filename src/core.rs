@@ -284,6 +284,8 @@ pub(crate) struct Core {
     room_seq: Cell<u64>,
     /// Outbound bytes queued on this core's connections (the gateway-wide bound's share).
     queued_bytes: Cell<usize>,
+    /// The most ever queued (exported with the sweep).
+    queued_peak: Cell<usize>,
     /// Some connection of this core paused reading under backpressure.
     any_paused: Cell<bool>,
     /// The resume task, parked until a connection pauses.
@@ -303,6 +305,8 @@ pub(crate) struct Core {
     /// Woken when shutdown starts and whenever a connection is removed during shutdown.
     drain_waker: Cell<Option<Waker>>,
     accept_canceller: RefCell<Option<monoio::io::Canceller>>,
+    /// The core's listening socket, shut at shutdown (see [`Core::begin_shutdown`]).
+    pub listener_fd: Cell<Option<std::os::fd::RawFd>>,
 }
 
 /// Size of the per-core read buffer.
@@ -320,6 +324,7 @@ impl Core {
             owned_rooms: RefCell::new(HashMap::new()),
             room_seq: Cell::new(0),
             queued_bytes: Cell::new(0),
+            queued_peak: Cell::new(0),
             any_paused: Cell::new(false),
             resume_waker: Cell::new(None),
             http_open: Cell::new(0),
@@ -332,6 +337,7 @@ impl Core {
             shutting_down: Cell::new(false),
             drain_waker: Cell::new(None),
             accept_canceller: RefCell::new(None),
+            listener_fd: Cell::new(None),
         })
     }
 
@@ -1063,6 +1069,13 @@ impl Core {
     pub fn queued_add(&self, n: usize) {
         let total = self.queued_bytes.get().saturating_add(n);
         self.queued_bytes.set(total);
+        if total > self.queued_peak.get() {
+            self.queued_peak.set(total);
+            // Rare (the peak only grows) and uncontended: the core's own counters.
+            self.stats()
+                .queued_bytes_peak
+                .store(total as i64, std::sync::atomic::Ordering::Relaxed);
+        }
         if total > self.shared.queued_bytes_share()
             && !self.shared.pressure.has(self.id, Reason::QueuedBytes)
         {
@@ -1082,6 +1095,19 @@ impl Core {
                 .pressure
                 .set(self.id, Reason::QueuedBytes, false);
         }
+    }
+
+    /// Copies the queued-bytes figures into the shared counters (once per sweep and on
+    /// demand: the hot path touches only cells).
+    pub fn publish_queue_gauges(&self) {
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        let stats = self.stats();
+        stats
+            .queued_bytes
+            .store(self.queued_bytes.get() as i64, relaxed);
+        stats
+            .queued_bytes_peak
+            .store(self.queued_peak.get() as i64, relaxed);
     }
 
     /// Whether a connection may read from its client now. Under backpressure it may not: the
@@ -1151,6 +1177,16 @@ impl Core {
         }
         if let Some(c) = self.accept_canceller.borrow_mut().take() {
             c.cancel();
+        }
+        // Leave the reuseport group now: new clients are refused at once (and try another
+        // node) instead of waiting in a backlog nobody will accept from. Dropping the
+        // listener is not enough on io_uring, where its close can wait on the cancelled
+        // accept; shutting a listening socket down takes it out of LISTEN immediately.
+        if let Some(fd) = self.listener_fd.take() {
+            // SAFETY: shutdown on our own listening socket, which stays open until dropped.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            }
         }
         let conns: Vec<Rc<ConnShared>> = self
             .conns
@@ -1239,10 +1275,7 @@ impl Core {
             }
             self.queued_add(pings);
             stats::add(&self.stats().idle_closes, idle_closed);
-            self.stats().queued_bytes.store(
-                self.queued_bytes.get() as i64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            self.publish_queue_gauges();
             // mimalloc purges freed pages lazily, on later allocator activity: after a burst
             // of handshakes an idle core would keep their memory resident for good.
             // SAFETY: mi_collect only walks this thread's own heap.

@@ -111,6 +111,8 @@ struct Shared {
     waker: AtomicWaker,
     /// Messages sent to this mailbox and not yet handled.
     depth: AtomicUsize,
+    /// The highest depth seen.
+    peak: AtomicUsize,
 }
 
 /// The sending side of one core's mailbox. Cheap to clone; `Send`.
@@ -149,6 +151,7 @@ pub fn mailbox<T>(
     let shared = Arc::new(Shared {
         waker: AtomicWaker::new(),
         depth: AtomicUsize::new(0),
+        peak: AtomicUsize::new(0),
     });
     (
         MailboxSender {
@@ -171,7 +174,8 @@ impl<T> MailboxSender<T> {
     pub fn send_batch(&self, batch: Vec<T>) -> bool {
         let n = batch.len();
         // Counted before it can be handled, so the receiver never subtracts first.
-        self.shared.depth.fetch_add(n, Ordering::SeqCst);
+        let depth = self.shared.depth.fetch_add(n, Ordering::SeqCst) + n;
+        self.shared.peak.fetch_max(depth, Ordering::Relaxed);
         let ok = self.tx.send(batch).is_ok();
         if !ok {
             self.shared.depth.fetch_sub(n, Ordering::SeqCst);
@@ -183,6 +187,11 @@ impl<T> MailboxSender<T> {
     /// Messages queued and not yet handled.
     pub fn depth(&self) -> usize {
         self.shared.depth.load(Ordering::Relaxed)
+    }
+
+    /// The highest depth since start.
+    pub fn peak(&self) -> usize {
+        self.shared.peak.load(Ordering::Relaxed)
     }
 }
 

@@ -311,6 +311,7 @@ async fn run_core(
             return;
         }
     };
+    core.listener_fd.set(Some(listener.as_raw_fd()));
     let canceller = monoio::io::Canceller::new();
     let cancel = canceller.handle();
     core.set_accept_canceller(canceller);
@@ -421,6 +422,7 @@ pub(crate) fn snapshot(shared: &Shared) -> (Snapshot, Vec<Snapshot>) {
         .map(|(s, mb)| {
             let mut snap = s.snapshot();
             snap.mailbox_depth = mb.depth() as i64;
+            snap.mailbox_peak = mb.peak() as i64;
             snap
         })
         .collect();

@@ -64,6 +64,8 @@ pub struct CoreStats {
     pub http_connections_refused: AtomicU64,
     /// Outbound bytes queued on this core's connections, not yet written (gauge).
     pub queued_bytes: AtomicI64,
+    /// The most outbound bytes this core ever had queued (gauge).
+    pub queued_bytes_peak: AtomicI64,
     /// Times this core stopped reading from clients because the gateway was over a queue
     /// bound (a cross-core mailbox or `--max-total-queued-bytes`).
     pub backpressure_pauses: AtomicU64,
@@ -139,11 +141,14 @@ pub struct Snapshot {
     pub http_connections: i64,
     pub http_connections_refused: u64,
     pub queued_bytes: i64,
+    pub queued_bytes_peak: i64,
     pub backpressure_pauses: u64,
     pub accept_errors: u64,
     /// Messages queued to this core by other cores and not yet handled (filled in from the
     /// mailbox by whoever takes the snapshot).
     pub mailbox_depth: i64,
+    /// The highest mailbox depth since start (filled in likewise).
+    pub mailbox_peak: i64,
 }
 
 impl CoreStats {
@@ -174,9 +179,11 @@ impl CoreStats {
             http_connections: self.http_connections.load(Relaxed),
             http_connections_refused: self.http_connections_refused.load(Relaxed),
             queued_bytes: self.queued_bytes.load(Relaxed),
+            queued_bytes_peak: self.queued_bytes_peak.load(Relaxed),
             backpressure_pauses: self.backpressure_pauses.load(Relaxed),
             accept_errors: self.accept_errors.load(Relaxed),
             mailbox_depth: 0,
+            mailbox_peak: 0,
         }
     }
 }
@@ -217,6 +224,8 @@ impl Snapshot {
             t.backpressure_pauses += s.backpressure_pauses;
             t.accept_errors += s.accept_errors;
             t.mailbox_depth += s.mailbox_depth;
+            t.mailbox_peak = t.mailbox_peak.max(s.mailbox_peak);
+            t.queued_bytes_peak = t.queued_bytes_peak.max(s.queued_bytes_peak);
         }
         t
     }

@@ -19,7 +19,13 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `wsgate --listen 127.0.0.1:0 --workers 2 ARGS...` (ARGS may set `--workers`).
     pub fn start(args: &[&str]) -> Gateway {
+        Self::start_with(args, |_| {})
+    }
+
+    /// [`Gateway::start`], with a chance to change the command (environment, limits).
+    pub fn start_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        configure(&mut cmd);
         cmd.args(["--listen", "127.0.0.1:0"]);
         if !args.contains(&"--workers") {
             cmd.args(["--workers", "2"]);
@@ -101,6 +107,32 @@ impl Gateway {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The sum over cores of a metric's samples whose labels contain `labels` (e.g.
+    /// `code="1013"`; empty: every sample).
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (status, m) = http(self.addr, "GET", "/metrics", None, &[]);
+        assert_eq!(status, 200, "{m}");
+        metric_in(&m, name, labels)
+    }
+
+    /// The highest value of a metric's samples (e.g. a per-core peak).
+    pub fn metric_max(&self, name: &str) -> f64 {
+        let (_, m) = http(self.addr, "GET", "/metrics", None, &[]);
+        samples(&m, name, "").fold(0.0, f64::max)
+    }
+
+    /// Open file descriptors of the gateway process.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until `ok()` holds, polling; panics with `what` after `within`.
+    pub fn wait_for(&self, what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+        wait_for(what, within, &mut ok)
     }
 
     /// Sends a signal to the process.
@@ -212,4 +244,30 @@ pub fn raw_close_code(frames: &[(u8, Vec<u8>)]) -> Option<u16> {
         .rev()
         .find(|(op, _)| *op == 8)
         .map(|(_, p)| u16::from_be_bytes([p[0], p[1]]))
+}
+
+/// Polls `ok` every 20 ms until it holds; panics with `what` after `within`.
+pub fn wait_for(what: &str, within: Duration, ok: &mut dyn FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while !ok() {
+        if Instant::now() > end {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn samples<'a>(m: &'a str, name: &'a str, labels: &'a str) -> impl Iterator<Item = f64> + 'a {
+    m.lines()
+        .filter(move |l| !l.starts_with('#') && l.starts_with(name))
+        .filter(move |l| {
+            let rest = &l[name.len()..];
+            (rest.starts_with('{') || rest.starts_with(' ')) && rest.contains(labels)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+}
+
+/// The sum of a metric's samples in a `/metrics` text whose labels contain `labels`.
+pub fn metric_in(m: &str, name: &str, labels: &str) -> f64 {
+    samples(m, name, labels).sum()
 }
