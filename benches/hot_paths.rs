@@ -119,7 +119,8 @@ fn mailbox_handoff(c: &mut Criterion) {
     g.throughput(Throughput::Elements(BATCH as u64));
     g.bench_function("batch_1024_to_other_thread", |b| {
         b.iter_custom(|iters| {
-            let (tx, rx) = mailbox::mailbox::<u64>();
+            let pressure = std::sync::Arc::new(mailbox::Pressure::new(1));
+            let (tx, rx) = mailbox::mailbox::<u64>(0, usize::MAX, pressure);
             let consumer = std::thread::spawn(move || {
                 let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
                     .enable_timer()
@@ -132,7 +133,10 @@ fn mailbox_handoff(c: &mut Criterion) {
                         if rx.recv_all(&mut out).await.is_none() {
                             break;
                         }
-                        got += out.drain(..).map(|b| b.len() as u64).sum::<u64>();
+                        for b in out.drain(..) {
+                            got += b.len() as u64;
+                            rx.handled(b.len());
+                        }
                     }
                 })
             });

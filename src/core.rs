@@ -1312,3 +1312,43 @@ pub(crate) async fn wait_until(waker: &Cell<Option<Waker>>, ready: impl Fn() -> 
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(cores: usize) -> Shared {
+        let config = Config::with_listen("127.0.0.1:0".parse().unwrap());
+        let pressure = Arc::new(Pressure::new(cores));
+        Shared {
+            config,
+            cores,
+            mailboxes: (0..cores)
+                .map(|i| mailbox::mailbox(i, 8, pressure.clone()).0)
+                .collect(),
+            stats: (0..cores).map(|_| CoreStats::default()).collect(),
+            shutdown: AtomicBool::new(false),
+            total_connections: Default::default(),
+            http_connections: Default::default(),
+            pressure,
+            owner_hash: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// Owners are stable within a process and differ between processes: nobody can pick
+    /// user or room names that all land on one core of every gateway.
+    #[test]
+    fn owner_hash_is_keyed_per_process() {
+        let names: Vec<String> = (0..64).map(|i| format!("user{i}")).collect();
+        let a = shared(4);
+        let b = shared(4);
+        let owners = |s: &Shared| names.iter().map(|n| s.owner_of(n)).collect::<Vec<_>>();
+        assert_eq!(owners(&a), owners(&a));
+        assert_ne!(
+            owners(&a),
+            owners(&b),
+            "two processes share their owner hash"
+        );
+        assert!(owners(&a).iter().all(|o| *o < 4));
+    }
+}

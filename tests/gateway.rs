@@ -141,7 +141,7 @@ fn seed_scenario_disconnects_do_not_cut_off_others() {
         assert_eq!(from, want, "messages received by {to}");
     }
     c.remove("1004").unwrap().close();
-    thread::sleep(Duration::from_millis(100));
+    gw.wait_presence("1004", 0, T);
     let s = c.get_mut("1003").unwrap();
     assert_eq!(send_acked(s, "1001", json!("after 1004 left"), 100), 1);
     assert_eq!(
@@ -149,7 +149,7 @@ fn seed_scenario_disconnects_do_not_cut_off_others() {
         "after 1004 left"
     );
     c.remove("1002").unwrap().abort();
-    thread::sleep(Duration::from_millis(100));
+    gw.wait_presence("1002", 0, T);
     let s = c.get_mut("1003").unwrap();
     assert_eq!(send_acked(s, "1001", json!("after 1002 left"), 101), 1);
     assert_eq!(
@@ -163,6 +163,18 @@ fn seed_scenario_disconnects_do_not_cut_off_others() {
     let s = c.get_mut("1003").unwrap();
     assert_eq!(send_acked(s, "1004", json!(0), 102), 0);
     assert_eq!(send_acked(s, "1002", json!(0), 103), 0);
+    // The users who stayed still reach each other, both ways, after both departures.
+    assert_eq!(send_acked(s, "1001", json!("last"), 104), 1);
+    assert_eq!(
+        c.get_mut("1001").unwrap().recv_message(T).unwrap()["data"],
+        "last"
+    );
+    let s = c.get_mut("1001").unwrap();
+    assert_eq!(send_acked(s, "1003", json!("back"), 105), 1);
+    assert_eq!(
+        c.get_mut("1003").unwrap().recv_message(T).unwrap()["data"],
+        "back"
+    );
 }
 
 /// Reconnect storms: the new connection opens before the old one closes (cleanly or by a
@@ -451,12 +463,37 @@ fn slow_consumer_is_closed_with_1013_and_others_are_unaffected() {
     gw.wait_connections(2, T);
 }
 
-/// Idle clients that answer pings stay connected indefinitely: no read deadline.
+/// Idle clients that answer pings stay connected indefinitely: no read deadline. With a
+/// 500 ms ping interval and a 2 s idle timeout, 8 s of silence (but pongs) spans four idle
+/// timeouts and many pings.
 #[test]
-fn idle_connection_with_default_settings_stays_and_receives() {
-    let gw = Gateway::start(&[]);
+fn idle_connection_that_answers_pings_stays_and_receives() {
+    let gw = Gateway::start(&["--ping-interval", "500ms", "--idle-timeout", "2s"]);
     let mut idle = gw.connect("idle");
-    thread::sleep(Duration::from_secs(12));
+    let mut pings = 0;
+    idle.ws()
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        // The client library answers each ping as it reads it.
+        match idle.ws().read() {
+            Ok(tungstenite::Message::Ping(_)) => {
+                pings += 1;
+                idle.ws().flush().unwrap();
+            }
+            Ok(other) => panic!("idle client got {other:?}"),
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("idle client lost its connection: {e}"),
+        }
+    }
+    assert!(pings >= 8, "saw {pings} pings in 8 s at a 500 ms interval");
+    assert_eq!(gw.stats()["total"]["idle_closes"], 0);
     let mut sender = gw.connect("sender");
     assert_eq!(send_acked(&mut sender, "idle", json!("still there"), 1), 1);
     assert_eq!(idle.recv_message(T).unwrap()["data"], "still there");
@@ -679,7 +716,9 @@ fn flooding_client_does_not_stall_its_core(driver: &str) {
 
 #[test]
 fn a_flooding_client_does_not_stall_its_core() {
-    flooding_client_does_not_stall_its_core("io-uring");
+    // `auto`: io_uring here, and epoll in the test command's epoll pass
+    // (MONOIO_FORCE_LEGACY_DRIVER=1), which an explicit `io-uring` would override.
+    flooding_client_does_not_stall_its_core("auto");
 }
 
 /// On the epoll driver readiness is reported at once while bytes wait, so the flooder's task

@@ -98,9 +98,9 @@ fn huge_or_odd_time_claims_never_take_a_worker_down() {
             Client::connect_query(gw.addr, &format!("token={t}")).unwrap()
         })
         .collect();
-    for i in 0..8 {
+    for (i, c) in clients.iter_mut().enumerate() {
         let to = format!("live{}", (i + 1) % 8);
-        assert_eq!(send_acked(&mut clients[i], &to, json!(i), i as u64), 1);
+        assert_eq!(send_acked(c, &to, json!(i), i as u64), 1);
     }
     assert_eq!(gw.stats()["connections"], 16);
 }

@@ -167,3 +167,131 @@ fn protocol_parser_survives_anything() {
     }
     assert!(ok > 400, "only {ok} requests parsed");
 }
+
+/// A random JSON value of the kinds a token's claims might hold: numbers at every scale and
+/// sign (what a JavaScript backend writes for "never": `Number.MAX_VALUE`), strings, bools,
+/// null, arrays, objects.
+fn random_claim_value(rng: &mut Rng) -> serde_json::Value {
+    use serde_json::json;
+    match rng.below(12) {
+        0 => json!(null),
+        1 => json!(rng.below(2) == 0),
+        2 => json!(rng.next()),
+        3 => json!(-(rng.next() as i64).abs()),
+        4 => json!(f64::from_bits(rng.next()).clamp(-f64::MAX, f64::MAX)),
+        5 => json!(f64::MAX),
+        6 => json!(-f64::MAX),
+        7 => json!(1e20 * rng.below(1000) as f64),
+        8 => json!(1.7e9 + (rng.below(1_000_000) as f64) - 500_000.0),
+        9 => json!(format!("{}", rng.next())),
+        10 => json!([rng.below(3)]),
+        _ => json!({"n": rng.below(9)}),
+    }
+}
+
+/// Any claim values in a correctly signed token: verification answers with an identity or a
+/// refusal, and an identity's remaining lifetime is computed without a panic and within
+/// bounds. (The bug this guards: `exp: 1e20` panicked in `Duration::from_secs_f64` and killed
+/// a worker.)
+#[test]
+fn jwt_claims_of_any_value_never_panic() {
+    use std::time::Duration;
+    use wsgate::auth;
+    let mut rng = Rng(0x5eed_0004);
+    let secret = b"fuzz";
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..20_000 {
+        let mut claims = serde_json::Map::new();
+        claims.insert("sub".into(), serde_json::json!("u1"));
+        for name in ["exp", "nbf", "iat"] {
+            if rng.below(3) != 0 {
+                claims.insert(name.into(), random_claim_value(&mut rng));
+            }
+        }
+        if rng.below(10) == 0 {
+            claims.insert("sub".into(), random_claim_value(&mut rng));
+        }
+        let token = auth::sign_jwt(&serde_json::Value::Object(claims), secret);
+        let leeway = Duration::from_secs(rng.below(3600) as u64);
+        match auth::verify_jwt(&token, secret, leeway) {
+            Ok(id) => {
+                accepted += 1;
+                if let Some(left) = id.remaining() {
+                    assert!(left <= auth::MAX_LIFETIME);
+                }
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(
+        accepted > 2_000 && refused > 2_000,
+        "{accepted} accepted, {refused} refused"
+    );
+}
+
+/// Requests with random heads and bodies: random Content-Length spellings (signs, spaces,
+/// lists, repeats, huge values), Expect, Transfer-Encoding, split at random points. The
+/// parser answers a request, "more", or an error; never a panic, never a body longer than
+/// the limit, and a request is only complete once its whole body is there.
+#[test]
+fn http_heads_and_bodies_of_any_shape_never_panic() {
+    let mut rng = Rng(0x5eed_0005);
+    let lengths = [
+        "0",
+        "5",
+        "+5",
+        "-5",
+        " 5 ",
+        "5, 5",
+        "5,6",
+        "05",
+        "0x5",
+        "",
+        "99999999999999999999999",
+        "18446744073709551615",
+        "5\t",
+    ];
+    let (mut complete, mut errors) = (0, 0);
+    for _ in 0..30_000 {
+        let mut head = format!(
+            "{} /api/send HTTP/1.{}\r\nHost: x\r\n",
+            ["POST", "GET", "HEAD", "PUT"][rng.below(4)],
+            rng.below(2)
+        );
+        for _ in 0..rng.below(3) {
+            head.push_str(&format!(
+                "Content-Length: {}\r\n",
+                lengths[rng.below(lengths.len())]
+            ));
+        }
+        if rng.below(4) == 0 {
+            head.push_str("Expect: 100-continue\r\n");
+        }
+        if rng.below(10) == 0 {
+            head.push_str("Transfer-Encoding: chunked\r\n");
+        }
+        head.push_str("\r\n");
+        let mut input = head.into_bytes();
+        let body = rng.below(12);
+        input.extend(rng.bytes(body));
+        let cut = rng.below(input.len() + 1);
+        let input = &input[..cut];
+        let _ = http::wants_continue(input);
+        match http::parse_request(input, 8) {
+            Ok(Some((req, used))) => {
+                complete += 1;
+                assert!(used <= input.len());
+                assert!(req.body.len() <= 8);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                errors += 1;
+                assert!(matches!(e.status, 400 | 411 | 413 | 431), "{e:?}");
+            }
+        }
+    }
+    assert!(
+        complete > 1_000 && errors > 1_000,
+        "{complete} complete, {errors} errors"
+    );
+}
