@@ -23,16 +23,19 @@
 //! # Rooms
 //!
 //! Membership belongs to a connection and lives on the connection's core: each core keeps
-//! `room → member keys` for its own connections only, so `join` and `leave` never leave the
-//! core. A publish fans out locally and crosses to every other core once (one batch entry
-//! carrying the frame encoded once); each core fans out to its members and answers with its
-//! count, which the publishing core adds up for `delivered`. A closed connection leaves its
-//! rooms by its exact key.
+//! `room → member keys` for its own connections. Each room also has an owner core,
+//! `hash(room) % cores`, which keeps the set of cores holding members: a core tells it with
+//! `RoomCores` when its member set appears or empties (first join, last leave: never per
+//! message), and the owner answers an appearance with `RoomConfirmed`. A join is acked once
+//! the core's set is confirmed, so every publish the owner handles after the ack reaches the
+//! new member, from whichever core it came.
 //!
-//! Counting rooms: each room also has an owner core, `hash(room) % cores`, told with
-//! `RoomCores` when a core's member set of the room appears or empties (first join, last
-//! leave: never per message). The owner counts the cores holding members, so each room is
-//! counted exactly once, on its owner, however many cores its members sit on.
+//! A publish fans out to the publishing core's own members, then goes to the owner
+//! (`RoomPublish`), which fans out to its members and sends one `RoomDeliver` (the frame
+//! encoded once) to each other core with members. Cores without members receive nothing.
+//! Counts flow back through waiters for `delivered`. Per sender and recipient core the path
+//! is fixed (publisher core → owner → member core, each hop FIFO), so order holds. The owner
+//! counts each room once, however many cores its members sit on.
 //!
 //! # Waiters
 //!
