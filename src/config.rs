@@ -76,7 +76,7 @@ pub struct Config {
     /// reading from clients until it catches up (cross-core backpressure).
     /// Also bounds the overshoot of `--max-total-queued-bytes`: publishes already in flight
     /// between cores when the pressure turns on are still delivered.
-    #[arg(long, env = "WSGATE_MAILBOX_LIMIT", default_value_t = 8192)]
+    #[arg(long, env = "WSGATE_MAILBOX_LIMIT", default_value_t = 16384)]
     pub mailbox_limit: usize,
 
     /// Most TCP connections not upgraded to WebSocket (reading a request, answering plain

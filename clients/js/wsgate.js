@@ -140,6 +140,7 @@ export class WsgateClient extends EventTarget {
     this._autoReconnect = options.reconnect ?? true;
 
     this._ws = null;
+    this._listeners = new WeakMap(); // on() callbacks -> (type -> wrapped listener)
     this._closedByUser = false;
     this._state = "idle"; // idle | connecting | joining | open | waiting | closed
     this._stopped = false;
@@ -183,18 +184,23 @@ export class WsgateClient extends EventTarget {
 
   /** `on(type, fn)`: fn(detail, event). Returns a function that removes the listener. */
   on(type, fn) {
-    const l = (ev) => fn(ev.detail, ev);
-    fn.__wsgate = fn.__wsgate || new Map();
-    fn.__wsgate.set(type, l);
-    this.addEventListener(type, l);
+    const key = `${type}`;
+    let byType = this._listeners.get(fn);
+    if (!byType) this._listeners.set(fn, (byType = new Map()));
+    if (!byType.has(key)) {
+      const l = (ev) => fn(ev.detail, ev);
+      byType.set(key, l);
+      this.addEventListener(key, l);
+    }
     return () => this.off(type, fn);
   }
 
   off(type, fn) {
-    const l = fn.__wsgate && fn.__wsgate.get(type);
+    const byType = this._listeners.get(fn);
+    const l = byType && byType.get(`${type}`);
     if (l) {
-      this.removeEventListener(type, l);
-      fn.__wsgate.delete(type);
+      this.removeEventListener(`${type}`, l);
+      byType.delete(`${type}`);
     }
   }
 
