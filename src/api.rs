@@ -10,7 +10,7 @@ use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncode
 use serde_json::json;
 
 use crate::auth;
-use crate::core::{Core, Slot};
+use crate::core::{ApiCall, Core};
 use crate::http::{self, Request};
 use crate::protocol::{self, ApiRequest, ErrorCode};
 use crate::stats::Snapshot;
@@ -89,8 +89,8 @@ fn bad(code: ErrorCode, message: &str, keep_alive: bool) -> Vec<u8> {
 }
 
 /// The count for an API call, or `None` (answered 503) after `API_WAIT` or at shutdown.
-async fn wait(core: &Core, slot: &Slot) -> Option<u64> {
-    let counted = monoio::time::timeout(API_WAIT, slot.wait());
+async fn wait(core: &Core, call: &ApiCall<'_>) -> Option<u64> {
+    let counted = monoio::time::timeout(API_WAIT, call.slot.wait());
     core.unless_shutdown(counted).await?.ok()
 }
 
@@ -124,7 +124,7 @@ async fn api(core: &Core, req: &Request, keep_alive: bool) -> Vec<u8> {
     }
     match call {
         "stats" if method == "GET" => {
-            let body = crate::server::stats_json(&core.shared);
+            let body = core.shared.stats_json();
             http::response(200, "application/json", body.as_bytes(), keep_alive, "")
         }
         "stats" => method_not_allowed("GET", keep_alive),
@@ -178,7 +178,7 @@ fn percent_decode(s: &str) -> String {
 
 /// `GET /metrics`: every counter per core, in the Prometheus text format (0.0.4).
 pub(crate) fn metrics(core: &Core) -> String {
-    let (_, snaps) = crate::server::snapshot(&core.shared);
+    let (_, snaps) = core.shared.snapshot();
     let registry = Registry::new();
     let gauge = |name: &str, help: &str, get: fn(&Snapshot) -> i64| {
         let g = IntGaugeVec::new(Opts::new(name, help), &["core"]).expect("valid metric");

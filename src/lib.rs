@@ -10,12 +10,14 @@
 //! | `api` | plain HTTP: health, metrics, backend API |
 //! | [`auth`] | JWT identity and the API key |
 //! | [`server`] | listeners (`SO_REUSEPORT`, one per core), worker threads, shutdown |
-//! | `core` | one core's state: connection slab, user directory, router, cross-core batches |
+//! | `core` | one core's glue: feeds the router events, carries out its actions, batches |
+//! | [`route`] | the router, I/O-free: directory, rooms, waiters, routing rules |
 //! | `conn` | a connection: HTTP request, upgrade, then one task: reader and single writer |
+//! | `outbox` | what others may touch of a connection: its queue, close request, waker |
 //! | [`codec`] | WebSocket frames: decoder for client frames, encoders for server frames |
 //! | [`http`] | HTTP/1.1 parsing, upgrade checks, plain answers |
 //! | [`protocol`] | the v1 JSON messages |
-//! | [`mailbox`] | cross-core channel of batches with one wake per batch |
+//! | [`mailbox`] | cross-core channel of batches with one wake per batch; backpressure |
 //! | [`key`] | generational connection keys: stale keys miss |
 //! | [`stats`] | per-core counters |
 //! | [`config`] | every flag, its default and why |
@@ -36,7 +38,9 @@ mod core;
 pub mod http;
 pub mod key;
 pub mod mailbox;
+mod outbox;
 pub mod protocol;
+pub mod route;
 pub mod server;
 pub mod stats;
 

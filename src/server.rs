@@ -13,8 +13,9 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, DriverKind};
-use crate::core::{Core, CoreMsg, Shared};
+use crate::core::{Core, Shared};
 use crate::mailbox::{mailbox, Mailbox, Pressure};
+use crate::route::{Msg, Owners};
 use crate::stats::{self, CoreStats, Snapshot};
 
 /// io_uring submission queue size per worker.
@@ -68,7 +69,7 @@ impl Handle {
 
     /// Counters of every core, and their sum.
     pub fn stats(&self) -> (Snapshot, Vec<Snapshot>) {
-        snapshot(&self.shared)
+        self.shared.snapshot()
     }
 }
 
@@ -136,12 +137,12 @@ impl Server {
             config,
             cores,
             mailboxes: senders,
-            stats: (0..cores).map(|_| CoreStats::default()).collect(),
+            stats: (0..cores).map(|_| Arc::new(CoreStats::default())).collect(),
             shutdown: AtomicBool::new(false),
             total_connections: std::sync::atomic::AtomicUsize::new(0),
             http_connections: std::sync::atomic::AtomicUsize::new(0),
             pressure,
-            owner_hash: std::collections::hash_map::RandomState::new(),
+            owners: Owners::new(cores),
         });
 
         let core_ids = core_affinity::get_core_ids().unwrap_or_default();
@@ -236,7 +237,7 @@ fn worker(
     id: usize,
     shared: Arc<Shared>,
     listener: StdListener,
-    mailbox: Mailbox<CoreMsg>,
+    mailbox: Mailbox<Msg>,
     ready: Ready,
 ) {
     let started = Arc::new(AtomicBool::new(false));
@@ -260,7 +261,7 @@ fn run_worker(
     id: usize,
     shared: &Arc<Shared>,
     listener: StdListener,
-    mailbox: Mailbox<CoreMsg>,
+    mailbox: Mailbox<Msg>,
     ready: Ready,
     started: &Arc<AtomicBool>,
 ) {
@@ -299,7 +300,7 @@ async fn run_core(
     id: usize,
     shared: Arc<Shared>,
     listener: StdListener,
-    mailbox: Mailbox<CoreMsg>,
+    mailbox: Mailbox<Msg>,
     ready: Ready,
     started: Arc<AtomicBool>,
 ) {
@@ -332,7 +333,7 @@ async fn run_core(
     {
         tracing::warn!(
             core = id,
-            left = core.conns.borrow().len(),
+            left = core.conn_count(),
             "shutdown timeout: exiting with connections still open"
         );
     }
@@ -411,32 +412,4 @@ impl Spare {
         *self = Spare::open();
         shed
     }
-}
-
-/// Every core's counters (mailbox depths included) and their sum.
-pub(crate) fn snapshot(shared: &Shared) -> (Snapshot, Vec<Snapshot>) {
-    let per_core: Vec<Snapshot> = shared
-        .stats
-        .iter()
-        .zip(&shared.mailboxes)
-        .map(|(s, mb)| {
-            let mut snap = s.snapshot();
-            snap.mailbox_depth = mb.depth() as i64;
-            snap.mailbox_peak = mb.peak() as i64;
-            snap
-        })
-        .collect();
-    (Snapshot::total(&per_core), per_core)
-}
-
-/// `GET /api/stats`: totals and per-core counters as JSON.
-pub(crate) fn stats_json(shared: &Shared) -> String {
-    let (total, cores) = snapshot(shared);
-    serde_json::json!({
-        "connections": total.connections,
-        "users": total.users,
-        "total": total,
-        "cores": cores,
-    })
-    .to_string()
 }

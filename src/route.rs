@@ -1,0 +1,1014 @@
+//! The router: the user directory, rooms, waiters and the rules that route a message, as
+//! plain data and functions. It does no I/O and knows nothing of the runtime: it is fed events
+//! (a connection inserted or removed, a client's request, a message from another core) and
+//! answers with [`Action`]s (push a frame to a connection, post a message to a core, answer a
+//! waiter), which the caller carries out. quinn-proto is the model. `Core` (src/core.rs) is
+//! the thin glue that runs it on a monoio runtime; `tests/route_sim.rs` runs several routers
+//! under a seeded scheduler that interleaves every event in every order.
+//!
+//! # The user directory
+//!
+//! Each user id is *owned* by one core ([`Owners::of`]). The owner keeps the list of that
+//! user's connection keys, wherever the connections live. A connection registers with its
+//! user's owner before it is welcomed ([`Action::Registered`]), and unregisters after it
+//! closed. A `send` goes to the owner, which counts the keys (the `delivered` of the ack) and
+//! forwards one `Deliver` per destination core carrying the frame encoded once.
+//!
+//! Why this is correct under concurrent connects and disconnects of one user on several cores:
+//! * registration and removal name one exact generational key; removing connection A's key
+//!   never touches connection B's, whatever order they arrive in;
+//! * a core's messages to another core travel one FIFO path (the caller's duty), so a
+//!   connection's `Unregister` never overtakes its `Register`, and one sender's messages to
+//!   one user stay in order (sender core → owner core → recipient core, each hop FIFO);
+//! * a key that went stale while a `Deliver` was in flight misses in the slab: a no-op.
+//!
+//! # Rooms
+//!
+//! Membership belongs to a connection and lives on the connection's core. Each room also has
+//! an owner core, which keeps the set of cores holding members: a core tells it when its
+//! member set appears or empties (never per message), and the owner confirms an appearance.
+//! A join is acked once its core's set is confirmed, so every publish the owner handles after
+//! the ack reaches the new member, from whichever core it came. A publish fans out to the
+//! publishing core's own members, then goes to the owner, which fans out to its members and
+//! forwards the frame once to each other core with members; cores without members receive
+//! nothing. Counts flow back through waiters for `delivered`.
+//!
+//! # Waiters
+//!
+//! Answers that need counts from other cores (publish and broadcast `delivered`, API calls)
+//! wait in a per-core generational slab of waiters; other cores answer with `Count`. A stale
+//! waiter key (its caller gave up) is a no-op, like every other key.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use indexmap::IndexSet;
+use serde_json::value::RawValue;
+use smallvec::SmallVec;
+
+use crate::key::{ConnKey, GenSlab};
+use crate::protocol;
+use crate::stats::{self, CoreStats};
+
+/// Keys of one user's connections, kept sorted so that keys of one core are contiguous.
+pub type KeyList = SmallVec<[ConnKey; 2]>;
+
+/// Sorted ids of the cores holding members of a room (a core id fits a byte: `MAX_CORES`).
+type CoreSet = SmallVec<[u8; 4]>;
+
+/// Which core owns a user's directory entry or a room's core set: the same answer on every
+/// core of a process, SipHash keyed at random per process so that nobody can choose names
+/// that all land on one core.
+#[derive(Clone, Debug)]
+pub struct Owners {
+    cores: usize,
+    hash: RandomState,
+}
+
+impl Owners {
+    /// Owners among `cores` cores, with a fresh random key.
+    pub fn new(cores: usize) -> Owners {
+        Owners {
+            cores: cores.max(1),
+            hash: RandomState::new(),
+        }
+    }
+
+    /// The number of cores.
+    pub fn cores(&self) -> usize {
+        self.cores
+    }
+
+    /// The core that owns `id` (a user or a room).
+    pub fn of(&self, id: &str) -> usize {
+        if self.cores == 1 {
+            return 0;
+        }
+        (self.hash.hash_one(id) % self.cores as u64) as usize
+    }
+}
+
+/// The limits the router enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Rooms one connection may be in.
+    pub max_rooms_per_conn: usize,
+    /// Connections one user may hold (0: no limit).
+    pub max_connections_per_user: usize,
+}
+
+/// Who is waiting for a routed message's outcome.
+#[derive(Debug)]
+pub enum Reply {
+    /// A WebSocket request with an `id`: send it an `ack` with the `delivered` count.
+    Ack {
+        /// The requesting connection.
+        conn: ConnKey,
+        /// The request's `id`, raw JSON.
+        id: Box<RawValue>,
+    },
+    /// A waiter on the key's core: send it the count.
+    Waiter(ConnKey),
+}
+
+/// What a waiter does once every count is in.
+#[derive(Debug)]
+enum Done {
+    /// Ack a WebSocket request.
+    Ack { conn: ConnKey, id: Box<RawValue> },
+    /// Answer the caller's token (an API call).
+    Local(u64),
+    /// Pass the total on to whoever waits on another core.
+    Reply(Reply),
+}
+
+#[derive(Debug)]
+struct Waiter {
+    remaining: usize,
+    sum: u64,
+    done: Done,
+}
+
+/// What cores send each other.
+#[derive(Debug)]
+pub enum Msg {
+    /// To a user's owner: add this connection to the user's directory entry.
+    Register {
+        /// The user.
+        user: Box<str>,
+        /// The connection.
+        key: ConnKey,
+    },
+    /// To a connection's core: its registration is in place, or was refused (per-user limit).
+    Registered {
+        /// The connection.
+        key: ConnKey,
+        /// Whether it was accepted.
+        ok: bool,
+    },
+    /// To a user's owner: remove exactly this connection from the user's entry.
+    Unregister {
+        /// The user.
+        user: Box<str>,
+        /// The connection.
+        key: ConnKey,
+    },
+    /// To a user's owner: deliver a frame to every connection of the user.
+    Route {
+        /// The user.
+        user: Box<str>,
+        /// The frame, encoded once.
+        frame: Bytes,
+        /// Who learns the count.
+        reply: Option<Reply>,
+    },
+    /// To a connection's core: hand the frame to each of these connections.
+    Deliver {
+        /// The connections.
+        keys: SmallVec<[ConnKey; 4]>,
+        /// The frame.
+        frame: Bytes,
+    },
+    /// To a room's owner: deliver to the members on every core with some, except `origin`.
+    RoomPublish {
+        /// The room.
+        room: Box<str>,
+        /// The frame.
+        frame: Bytes,
+        /// The publishing core (it delivered to its own members).
+        origin: usize,
+        /// Who learns the total.
+        reply: Option<Reply>,
+    },
+    /// From a room's owner to a core with members: deliver to this core's members.
+    RoomDeliver {
+        /// The room.
+        room: Box<str>,
+        /// The frame.
+        frame: Bytes,
+        /// Who learns this core's count.
+        waiter: Option<ConnKey>,
+    },
+    /// To every other core: deliver a frame to every user connection.
+    Broadcast {
+        /// The frame.
+        frame: Bytes,
+        /// Who learns this core's count.
+        waiter: Option<ConnKey>,
+    },
+    /// To a user's owner: count the user's connections.
+    Presence {
+        /// The user.
+        user: Box<str>,
+        /// Who learns the count.
+        waiter: ConnKey,
+    },
+    /// To a user's owner: close every connection of the user with 1008.
+    Disconnect {
+        /// The user.
+        user: Box<str>,
+        /// Who learns how many.
+        waiter: ConnKey,
+    },
+    /// To a connection's core: close these connections with 1008.
+    Kick {
+        /// The connections.
+        keys: SmallVec<[ConnKey; 4]>,
+    },
+    /// To a room's owner: `core`'s member set of `room` appeared (`present`) or emptied.
+    RoomCores {
+        /// The room.
+        room: Box<str>,
+        /// The core.
+        core: usize,
+        /// Appeared or emptied.
+        present: bool,
+        /// Numbers the appearance, for the confirmation.
+        seq: u64,
+    },
+    /// From a room's owner: it knows of this core's member set `seq` of `room`.
+    RoomConfirmed {
+        /// The room.
+        room: Box<str>,
+        /// The appearance confirmed.
+        seq: u64,
+    },
+    /// A count for a waiter of this core.
+    Count {
+        /// The waiter.
+        waiter: ConnKey,
+        /// The count.
+        n: u64,
+    },
+    /// Stop accepting and close every connection with 1001.
+    Shutdown,
+}
+
+/// What the router asks its caller to do. `C` is the caller's handle of a connection.
+#[derive(Debug)]
+pub enum Action<C> {
+    /// Queue `frame` on this live connection of this core.
+    Push {
+        /// The connection.
+        conn: C,
+        /// The frame.
+        frame: Bytes,
+    },
+    /// Send `msg` to core `core` (FIFO per pair of cores).
+    Post {
+        /// The destination.
+        core: usize,
+        /// The message.
+        msg: Msg,
+    },
+    /// The connection's registration is settled: welcome it (`ok`) or refuse it (429).
+    Registered {
+        /// The connection.
+        conn: C,
+        /// Accepted.
+        ok: bool,
+    },
+    /// Close the connection with 1008 ("disconnected by the server").
+    Kick {
+        /// The connection.
+        conn: C,
+    },
+    /// An API call's count is in.
+    Answer {
+        /// The caller's token.
+        token: u64,
+        /// The count.
+        n: u64,
+    },
+    /// Shutdown was asked for.
+    Shutdown,
+}
+
+/// Outcome of a `join`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Joined {
+    /// Member now (or already); the ack is sent (or held until the owner confirms).
+    Ok,
+    /// At `max_rooms_per_conn` already.
+    TooMany,
+}
+
+/// A connection as the router holds it.
+pub struct Entry<C> {
+    /// The authenticated user; `None` for echo connections (not in the directory).
+    pub user: Option<Rc<str>>,
+    /// The caller's handle.
+    pub handle: C,
+    /// Rooms this connection is a member of (empty for most connections).
+    rooms: Vec<Box<str>>,
+}
+
+/// This core's members of one room.
+struct LocalRoom {
+    members: IndexSet<ConnKey>,
+    /// Numbers this appearance of the set (see [`Msg::RoomCores`]).
+    seq: u64,
+    /// The room's owner has recorded that this core has members.
+    confirmed: bool,
+    /// Join acks held until then: (connection, request id).
+    waiting: Vec<(ConnKey, Box<RawValue>)>,
+}
+
+/// One core's routing state.
+pub struct Router<C> {
+    id: usize,
+    owners: Owners,
+    limits: Limits,
+    stats: Arc<CoreStats>,
+    conns: GenSlab<Entry<C>>,
+    directory: HashMap<Box<str>, KeyList>,
+    rooms: HashMap<Box<str>, LocalRoom>,
+    owned_rooms: HashMap<Box<str>, CoreSet>,
+    room_seq: u64,
+    waiters: GenSlab<Waiter>,
+    out: Vec<Action<C>>,
+}
+
+impl<C: Clone> Router<C> {
+    /// The router of core `id`.
+    pub fn new(id: usize, owners: Owners, limits: Limits, stats: Arc<CoreStats>) -> Self {
+        Router {
+            id,
+            owners,
+            limits,
+            stats,
+            conns: GenSlab::new(id),
+            directory: HashMap::new(),
+            rooms: HashMap::new(),
+            owned_rooms: HashMap::new(),
+            room_seq: 0,
+            waiters: GenSlab::new(id),
+            out: Vec::new(),
+        }
+    }
+
+    /// This core's id.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Moves the actions produced so far into `into` (appending).
+    pub fn take_actions(&mut self, into: &mut Vec<Action<C>>) {
+        into.append(&mut self.out);
+    }
+
+    /// This core's connections.
+    pub fn conns(&self) -> &GenSlab<Entry<C>> {
+        &self.conns
+    }
+
+    /// The handle of a live connection of this core (`None` for a stale key).
+    pub fn get(&self, key: ConnKey) -> Option<&C> {
+        self.conns.get(key).map(|e| &e.handle)
+    }
+
+    // ---- connection life -------------------------------------------------------------------
+
+    /// Adds a connection of this core; `Err` gives the handle back when the table is full.
+    /// A user connection must then [`register`](Router::register) before it is welcomed.
+    pub fn insert(&mut self, user: Option<Rc<str>>, handle: C) -> Result<ConnKey, C> {
+        self.conns
+            .insert(Entry {
+                user,
+                handle,
+                rooms: Vec::new(),
+            })
+            .map_err(|e| e.handle)
+    }
+
+    /// Registers a connection with its user's owner; [`Action::Registered`] follows.
+    pub fn register(&mut self, key: ConnKey) {
+        let Some(user) = self.conns.get(key).and_then(|e| e.user.clone()) else {
+            return;
+        };
+        let msg = Msg::Register {
+            user: (*user).into(),
+            key,
+        };
+        self.on_owner_of(&user, msg);
+    }
+
+    /// Forgets a connection: slab slot, rooms and directory entry. A stale key is a no-op
+    /// (returns `None`).
+    pub fn remove(&mut self, key: ConnKey) -> Option<Entry<C>> {
+        let entry = self.conns.remove(key)?;
+        for room in &entry.rooms {
+            self.leave_room_set(key, room);
+        }
+        if let Some(user) = &entry.user {
+            let msg = Msg::Unregister {
+                user: (**user).into(),
+                key,
+            };
+            self.on_owner_of(user, msg);
+        }
+        Some(entry)
+    }
+
+    // ---- cross-core messages ---------------------------------------------------------------
+
+    /// Applies a message another core sent (or this core sent itself).
+    pub fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Register { user, key } => self.directory_add(user, key),
+            Msg::Registered { key, ok } => self.on_registered(key, ok),
+            Msg::Unregister { user, key } => self.directory_remove(&user, key),
+            Msg::Route { user, frame, reply } => self.route_owned(&user, frame, reply),
+            Msg::Deliver { keys, frame } => {
+                for key in keys {
+                    self.deliver_local(key, frame.clone());
+                }
+            }
+            Msg::RoomPublish {
+                room,
+                frame,
+                origin,
+                reply,
+            } => {
+                let local = self.publish_local(&room, &frame);
+                self.fan_out_room(&room, &frame, origin, local, reply.map(Done::Reply));
+            }
+            Msg::RoomDeliver {
+                room,
+                frame,
+                waiter,
+            } => {
+                let n = self.publish_local(&room, &frame);
+                if let Some(w) = waiter {
+                    self.count_to(w, n);
+                }
+            }
+            Msg::Broadcast { frame, waiter } => {
+                let n = self.broadcast_local(&frame);
+                if let Some(w) = waiter {
+                    self.count_to(w, n);
+                }
+            }
+            Msg::Presence { user, waiter } => {
+                let n = self.presence_owned(&user);
+                self.count_to(waiter, n);
+            }
+            Msg::Disconnect { user, waiter } => {
+                let n = self.disconnect_owned(&user);
+                self.count_to(waiter, n);
+            }
+            Msg::Kick { keys } => {
+                for key in keys {
+                    self.kick_local(key);
+                }
+            }
+            Msg::RoomCores {
+                room,
+                core,
+                present,
+                seq,
+            } => self.room_cores_owned(room, core, present, seq),
+            Msg::RoomConfirmed { room, seq } => self.room_confirmed(&room, seq),
+            Msg::Count { waiter, n } => self.count(waiter, n),
+            Msg::Shutdown => self.out.push(Action::Shutdown),
+        }
+    }
+
+    fn post(&mut self, core: usize, msg: Msg) {
+        debug_assert_ne!(core, self.id);
+        self.out.push(Action::Post { core, msg });
+    }
+
+    /// Handles `msg` on the owner of `id` (a user or a room): right here when this core owns
+    /// it, else posted there.
+    fn on_owner_of(&mut self, id: &str, msg: Msg) {
+        let owner = self.owners.of(id);
+        if owner == self.id {
+            self.handle(msg);
+        } else {
+            self.post(owner, msg);
+        }
+    }
+
+    // ---- directory -------------------------------------------------------------------------
+
+    fn directory_add(&mut self, user: Box<str>, key: ConnKey) {
+        let limit = self.limits.max_connections_per_user;
+        let full = limit > 0 && self.directory.get(&user).is_some_and(|k| k.len() >= limit);
+        if !full {
+            let stats = &self.stats;
+            let keys = self.directory.entry(user).or_insert_with(|| {
+                stats::add_gauge(&stats.users, 1);
+                KeyList::new()
+            });
+            if let Err(pos) = keys.binary_search(&key) {
+                keys.insert(pos, key);
+            }
+        }
+        if key.core() == self.id {
+            self.on_registered(key, !full);
+        } else {
+            self.post(key.core(), Msg::Registered { key, ok: !full });
+        }
+    }
+
+    fn directory_remove(&mut self, user: &str, key: ConnKey) {
+        if let Some(keys) = self.directory.get_mut(user) {
+            keys.retain(|k| *k != key);
+            if keys.is_empty() {
+                self.directory.remove(user);
+                stats::add_gauge(&self.stats.users, -1);
+            }
+        }
+    }
+
+    fn on_registered(&mut self, key: ConnKey, ok: bool) {
+        if let Some(e) = self.conns.get(key) {
+            let conn = e.handle.clone();
+            self.out.push(Action::Registered { conn, ok });
+        }
+    }
+
+    /// On the owner: a copy of `user`'s keys, sorted so that each core's keys are contiguous.
+    fn user_keys(&self, user: &str) -> KeyList {
+        self.directory.get(user).cloned().unwrap_or_default()
+    }
+
+    // ---- routing ---------------------------------------------------------------------------
+
+    /// Delivers `frame` to every connection of `to`; `reply` learns how many there were.
+    pub fn send(&mut self, to: &str, frame: Bytes, reply: Option<Reply>) {
+        let owner = self.owners.of(to);
+        if owner == self.id {
+            self.route_owned(to, frame, reply);
+        } else {
+            let msg = Msg::Route {
+                user: to.into(),
+                frame,
+                reply,
+            };
+            self.post(owner, msg);
+        }
+    }
+
+    /// On the owner: fan out to the user's connections, one `Deliver` per remote core.
+    fn route_owned(&mut self, user: &str, frame: Bytes, reply: Option<Reply>) {
+        let keys = self.user_keys(user);
+        let delivered = keys.len() as u64;
+        for group in keys.chunk_by(|a, b| a.core() == b.core()) {
+            let core = group[0].core();
+            if core == self.id {
+                for key in group {
+                    self.deliver_local(*key, frame.clone());
+                }
+            } else {
+                let msg = Msg::Deliver {
+                    keys: group.iter().copied().collect(),
+                    frame: frame.clone(),
+                };
+                self.post(core, msg);
+            }
+        }
+        stats::add(&self.stats.deliveries, delivered);
+        if let Some(reply) = reply {
+            self.complete(reply, delivered);
+        }
+    }
+
+    /// Hands a routed message's count to whoever waits for it.
+    fn complete(&mut self, reply: Reply, n: u64) {
+        match reply {
+            Reply::Ack { conn, id } => self.deliver(conn, protocol::ack(&id, Some(n))),
+            Reply::Waiter(key) => self.count_to(key, n),
+        }
+    }
+
+    fn count_to(&mut self, waiter: ConnKey, n: u64) {
+        if waiter.core() == self.id {
+            self.count(waiter, n);
+        } else {
+            self.post(waiter.core(), Msg::Count { waiter, n });
+        }
+    }
+
+    /// Adds a count to a local waiter; the last count finishes it. A stale key is a no-op.
+    fn count(&mut self, key: ConnKey, n: u64) {
+        let Some(w) = self.waiters.get_mut(key) else {
+            return;
+        };
+        w.sum += n;
+        w.remaining = w.remaining.saturating_sub(1);
+        if w.remaining > 0 {
+            return;
+        }
+        if let Some(w) = self.waiters.remove(key) {
+            self.finish(w.done, w.sum);
+        }
+    }
+
+    fn finish(&mut self, done: Done, sum: u64) {
+        match done {
+            Done::Ack { conn, id } => self.deliver(conn, protocol::ack(&id, Some(sum))),
+            Done::Local(token) => self.out.push(Action::Answer { token, n: sum }),
+            Done::Reply(reply) => self.complete(reply, sum),
+        }
+    }
+
+    /// Registers a waiter for `remaining` counts starting from `sum`; `None` when the core's
+    /// waiter table is full (then the caller is answered at once with `sum`).
+    fn add_waiter(&mut self, remaining: usize, sum: u64, done: Done) -> Option<ConnKey> {
+        match self.waiters.insert(Waiter {
+            remaining,
+            sum,
+            done,
+        }) {
+            Ok(k) => Some(k),
+            Err(w) => {
+                self.finish(w.done, w.sum);
+                None
+            }
+        }
+    }
+
+    /// Delivers one frame to one connection on any core.
+    pub fn deliver(&mut self, key: ConnKey, frame: Bytes) {
+        if key.core() == self.id {
+            self.deliver_local(key, frame);
+        } else {
+            let msg = Msg::Deliver {
+                keys: smallvec::smallvec![key],
+                frame,
+            };
+            self.post(key.core(), msg);
+        }
+    }
+
+    /// Hands a frame to a connection of this core. A stale key is a no-op.
+    fn deliver_local(&mut self, key: ConnKey, frame: Bytes) {
+        if let Some(e) = self.conns.get(key) {
+            let conn = e.handle.clone();
+            self.out.push(Action::Push { conn, frame });
+        }
+    }
+
+    // ---- rooms -----------------------------------------------------------------------------
+
+    /// Makes a connection of this core a member of `room`, and acks `id` (if any) once
+    /// publishes from every core reach it: at once when the room's owner already knows this
+    /// core has members, else when the owner confirms.
+    pub fn join(&mut self, key: ConnKey, room: &str, id: Option<&RawValue>) -> Joined {
+        let Some(entry) = self.conns.get_mut(key) else {
+            return Joined::Ok;
+        };
+        if !entry.rooms.iter().any(|r| &**r == room) {
+            if entry.rooms.len() >= self.limits.max_rooms_per_conn {
+                return Joined::TooMany;
+            }
+            entry.rooms.push(room.into());
+        }
+        let owner_here = self.owners.of(room) == self.id;
+        let mut appeared = None;
+        let seq = self.room_seq + 1;
+        let local = self.rooms.entry(room.into()).or_insert_with(|| {
+            appeared = Some(seq);
+            LocalRoom {
+                members: IndexSet::new(),
+                seq,
+                confirmed: owner_here,
+                waiting: Vec::new(),
+            }
+        });
+        local.members.insert(key);
+        let ack_now = local.confirmed;
+        if let (false, Some(id)) = (ack_now, id) {
+            local.waiting.push((key, id.to_owned()));
+        }
+        if let Some(seq) = appeared {
+            self.room_seq = seq;
+            stats::add_gauge(&self.stats.local_rooms, 1);
+            self.room_cores(room, true, seq);
+        }
+        if let (true, Some(id)) = (ack_now, id) {
+            self.deliver_local(key, protocol::ack(id, None));
+        }
+        Joined::Ok
+    }
+
+    /// Ends a membership (a no-op when there is none).
+    pub fn leave(&mut self, key: ConnKey, room: &str) {
+        if let Some(entry) = self.conns.get_mut(key) {
+            entry.rooms.retain(|r| &**r != room);
+        }
+        self.leave_room_set(key, room);
+    }
+
+    fn leave_room_set(&mut self, key: ConnKey, room: &str) {
+        let Some(local) = self.rooms.get_mut(room) else {
+            return;
+        };
+        local.members.swap_remove(&key);
+        // A join ack still held goes out before whatever follows the leave (its ack).
+        let mut acks: Vec<(ConnKey, Box<RawValue>)> = Vec::new();
+        let emptied = if local.members.is_empty() {
+            let gone = self.rooms.remove(room).expect("present");
+            acks = gone.waiting;
+            Some(gone.seq)
+        } else {
+            local.waiting.retain(|(k, id)| {
+                if *k == key {
+                    acks.push((*k, id.clone()));
+                }
+                *k != key
+            });
+            None
+        };
+        for (k, id) in acks {
+            self.deliver_local(k, protocol::ack(&id, None));
+        }
+        if let Some(seq) = emptied {
+            stats::add_gauge(&self.stats.local_rooms, -1);
+            self.room_cores(room, false, seq);
+        }
+    }
+
+    /// Tells `room`'s owner that this core's member set appeared or emptied.
+    fn room_cores(&mut self, room: &str, present: bool, seq: u64) {
+        let msg = Msg::RoomCores {
+            room: room.into(),
+            core: self.id,
+            present,
+            seq,
+        };
+        self.on_owner_of(room, msg);
+    }
+
+    /// On a room's owner: which cores hold members; the room exists while any does.
+    fn room_cores_owned(&mut self, room: Box<str>, core: usize, present: bool, seq: u64) {
+        let Ok(c) = u8::try_from(core) else {
+            return;
+        };
+        if present {
+            let set = self.owned_rooms.entry(room.clone()).or_default();
+            if set.is_empty() {
+                stats::add_gauge(&self.stats.rooms, 1);
+            }
+            if let Err(pos) = set.binary_search(&c) {
+                set.insert(pos, c);
+            }
+            // The owner's own set was confirmed at creation: no round trip.
+            if core != self.id {
+                self.post(core, Msg::RoomConfirmed { room, seq });
+            }
+        } else if let Some(set) = self.owned_rooms.get_mut(&room) {
+            set.retain(|x| *x != c);
+            if set.is_empty() {
+                self.owned_rooms.remove(&room);
+                stats::add_gauge(&self.stats.rooms, -1);
+            }
+        }
+    }
+
+    /// On a member core: the owner has recorded member set `seq`; held join acks go out.
+    fn room_confirmed(&mut self, room: &str, seq: u64) {
+        let waiting = match self.rooms.get_mut(room) {
+            Some(local) if local.seq == seq => {
+                local.confirmed = true;
+                std::mem::take(&mut local.waiting)
+            }
+            // An older appearance of the set (it emptied since): nothing to do.
+            _ => return,
+        };
+        for (key, id) in waiting {
+            self.deliver_local(key, protocol::ack(&id, None));
+        }
+    }
+
+    /// Delivers to this core's members of `room`; returns how many.
+    fn publish_local(&mut self, room: &str, frame: &Bytes) -> u64 {
+        let Some(local) = self.rooms.get(room) else {
+            return 0;
+        };
+        let n = local.members.len() as u64;
+        for key in &local.members {
+            if let Some(e) = self.conns.get(*key) {
+                self.out.push(Action::Push {
+                    conn: e.handle.clone(),
+                    frame: frame.clone(),
+                });
+            }
+        }
+        stats::add(&self.stats.deliveries, n);
+        n
+    }
+
+    /// Publishes to every member of `room` on every core; `ack` names the requesting
+    /// connection and its `id` when the total `delivered` must be acked.
+    pub fn publish(&mut self, room: &str, frame: Bytes, ack: Option<(ConnKey, Box<RawValue>)>) {
+        let local = self.publish_local(room, &frame);
+        let done = ack.map(|(conn, id)| Done::Ack { conn, id });
+        self.publish_remote(room, frame, local, done);
+    }
+
+    /// After delivering to this core's members: the other cores with members get the frame
+    /// through the room's owner, which alone knows where they are.
+    fn publish_remote(&mut self, room: &str, frame: Bytes, local: u64, done: Option<Done>) {
+        let owner = self.owners.of(room);
+        if owner == self.id {
+            self.fan_out_room(room, &frame, self.id, local, done);
+            return;
+        }
+        let reply = match done {
+            Some(done) => self.add_waiter(1, local, done).map(Reply::Waiter),
+            None => None,
+        };
+        let msg = Msg::RoomPublish {
+            room: room.into(),
+            frame,
+            origin: self.id,
+            reply,
+        };
+        self.post(owner, msg);
+    }
+
+    /// On a room's owner (which has delivered to its own members, `sum` so far): sends the
+    /// frame to every other core with members except `origin`, and gathers their counts.
+    fn fan_out_room(
+        &mut self,
+        room: &str,
+        frame: &Bytes,
+        origin: usize,
+        sum: u64,
+        done: Option<Done>,
+    ) {
+        let targets: CoreSet = match self.owned_rooms.get(room) {
+            Some(set) => set
+                .iter()
+                .copied()
+                .filter(|c| usize::from(*c) != origin && usize::from(*c) != self.id)
+                .collect(),
+            None => CoreSet::new(),
+        };
+        let waiter = match done {
+            Some(done) if targets.is_empty() => {
+                self.finish(done, sum);
+                None
+            }
+            Some(done) => self.add_waiter(targets.len(), sum, done),
+            None => None,
+        };
+        for core in targets {
+            let msg = Msg::RoomDeliver {
+                room: room.into(),
+                frame: frame.clone(),
+                waiter,
+            };
+            self.post(usize::from(core), msg);
+        }
+    }
+
+    /// Delivers to every user connection of this core; returns how many.
+    fn broadcast_local(&mut self, frame: &Bytes) -> u64 {
+        let mut n = 0;
+        for (_, e) in self.conns.iter() {
+            if e.user.is_some() {
+                n += 1;
+                self.out.push(Action::Push {
+                    conn: e.handle.clone(),
+                    frame: frame.clone(),
+                });
+            }
+        }
+        stats::add(&self.stats.deliveries, n);
+        n
+    }
+
+    // ---- backend API -----------------------------------------------------------------------
+
+    /// `POST /api/send`: [`Action::Answer`] with `token` carries the count.
+    pub fn api_send(&mut self, user: &str, frame: Bytes, token: u64) {
+        if let Some(key) = self.add_waiter(1, 0, Done::Local(token)) {
+            self.send(user, frame, Some(Reply::Waiter(key)));
+        }
+    }
+
+    /// `POST /api/publish`.
+    pub fn api_publish(&mut self, room: &str, frame: Bytes, token: u64) {
+        let local = self.publish_local(room, &frame);
+        self.publish_remote(room, frame, local, Some(Done::Local(token)));
+    }
+
+    /// `POST /api/broadcast`: every user connection on every core.
+    pub fn api_broadcast(&mut self, frame: Bytes, token: u64) {
+        let local = self.broadcast_local(&frame);
+        let others = self.owners.cores() - 1;
+        let waiter = if others == 0 {
+            self.finish(Done::Local(token), local);
+            None
+        } else {
+            self.add_waiter(others, local, Done::Local(token))
+        };
+        let me = self.id;
+        for core in (0..self.owners.cores()).filter(|c| *c != me) {
+            let msg = Msg::Broadcast {
+                frame: frame.clone(),
+                waiter,
+            };
+            self.post(core, msg);
+        }
+    }
+
+    /// `GET /api/presence/{user}`.
+    pub fn api_presence(&mut self, user: &str, token: u64) {
+        self.ask_owner(user, token, |user, waiter| Msg::Presence { user, waiter });
+    }
+
+    /// `POST /api/disconnect`.
+    pub fn api_disconnect(&mut self, user: &str, token: u64) {
+        self.ask_owner(user, token, |user, waiter| Msg::Disconnect { user, waiter });
+    }
+
+    fn ask_owner(&mut self, user: &str, token: u64, msg: fn(Box<str>, ConnKey) -> Msg) {
+        if let Some(waiter) = self.add_waiter(1, 0, Done::Local(token)) {
+            // Handled here when this core owns the user (the same rules either way).
+            self.on_owner_of(user, msg(user.into(), waiter));
+        }
+    }
+
+    /// On the owner: how many connections `user` has.
+    fn presence_owned(&self, user: &str) -> u64 {
+        self.directory.get(user).map_or(0, |k| k.len() as u64)
+    }
+
+    /// On the owner: closes every connection of `user` with 1008; returns how many.
+    fn disconnect_owned(&mut self, user: &str) -> u64 {
+        let keys = self.user_keys(user);
+        for group in keys.chunk_by(|a, b| a.core() == b.core()) {
+            let core = group[0].core();
+            if core == self.id {
+                for key in group {
+                    self.kick_local(*key);
+                }
+            } else {
+                let msg = Msg::Kick {
+                    keys: group.iter().copied().collect(),
+                };
+                self.post(core, msg);
+            }
+        }
+        keys.len() as u64
+    }
+
+    fn kick_local(&mut self, key: ConnKey) {
+        if let Some(e) = self.conns.get(key) {
+            let conn = e.handle.clone();
+            self.out.push(Action::Kick { conn });
+        }
+    }
+
+    // ---- introspection (tests, the simulation) ---------------------------------------------
+
+    /// The connection keys of `user` in this core's directory (meaningful on its owner).
+    pub fn directory_keys(&self, user: &str) -> KeyList {
+        self.user_keys(user)
+    }
+
+    /// Users in this core's directory.
+    pub fn directory_len(&self) -> usize {
+        self.directory.len()
+    }
+
+    /// This core's members of `room`.
+    pub fn local_members(&self, room: &str) -> Vec<ConnKey> {
+        self.rooms
+            .get(room)
+            .map(|r| r.members.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Rooms with members on this core.
+    pub fn local_room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// On a room's owner: the cores it knows to hold members.
+    pub fn room_cores_of(&self, room: &str) -> Vec<usize> {
+        self.owned_rooms
+            .get(room)
+            .map(|s| s.iter().map(|c| usize::from(*c)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Rooms this core owns that have members somewhere.
+    pub fn owned_room_count(&self) -> usize {
+        self.owned_rooms.len()
+    }
+
+    /// Waiters still open on this core.
+    pub fn waiter_count(&self) -> usize {
+        self.waiters.len()
+    }
+}
