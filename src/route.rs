@@ -41,7 +41,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -63,18 +63,25 @@ type CoreSet = SmallVec<[u8; 4]>;
 /// Which core owns a user's directory entry or a room's core set: the same answer on every
 /// core of a process, SipHash keyed at random per process so that nobody can choose names
 /// that all land on one core.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Owners {
     cores: usize,
-    hash: RandomState,
+    keys: (u64, u64),
 }
 
 impl Owners {
     /// Owners among `cores` cores, with a fresh random key.
     pub fn new(cores: usize) -> Owners {
+        let random = RandomState::new();
+        Self::with_keys(cores, (random.hash_one(0u64), random.hash_one(1u64)))
+    }
+
+    /// Owners with a chosen key: the same names land on the same cores every time (the
+    /// simulation's seeds replay).
+    pub fn with_keys(cores: usize, keys: (u64, u64)) -> Owners {
         Owners {
             cores: cores.max(1),
-            hash: RandomState::new(),
+            keys,
         }
     }
 
@@ -88,7 +95,12 @@ impl Owners {
         if self.cores == 1 {
             return 0;
         }
-        (self.hash.hash_one(id) % self.cores as u64) as usize
+        // SipHash-2-4 with the process's keys (std's keyed hasher; deprecated only in favour
+        // of the RandomState it is seeded from here).
+        #[allow(deprecated)]
+        let mut h = std::hash::SipHasher::new_with_keys(self.keys.0, self.keys.1);
+        id.hash(&mut h);
+        (h.finish() % self.cores as u64) as usize
     }
 }
 
