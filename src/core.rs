@@ -181,7 +181,7 @@ impl Core {
             max_rooms_per_conn: shared.config.max_rooms_per_conn,
             max_connections_per_user: shared.config.max_connections_per_user,
         };
-        let router = Router::new(id, shared.owners.clone(), limits, shared.stats[id].clone());
+        let router = Router::new(id, shared.owners, limits, shared.stats[id].clone());
         Rc::new(Core {
             id,
             router: RefCell::new(router),
@@ -664,7 +664,8 @@ mod tests {
         let b = Owners::new(4);
         let owners = |o: &Owners| names.iter().map(|n| o.of(n)).collect::<Vec<_>>();
         assert_eq!(owners(&a), owners(&a));
-        assert_eq!(owners(&a), owners(&a.clone()), "clones share the key");
+        let copy = a;
+        assert_eq!(owners(&a), owners(&copy), "copies share the key");
         assert_ne!(
             owners(&a),
             owners(&b),
