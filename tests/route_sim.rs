@@ -141,7 +141,7 @@ impl Sim {
         };
         let stats: Vec<Arc<CoreStats>> = (0..cores).map(|_| Arc::default()).collect();
         let routers = (0..cores)
-            .map(|i| Router::new(i, owners.clone(), limits, stats[i].clone()))
+            .map(|i| Router::new(i, owners, limits, stats[i].clone()))
             .collect();
         Sim {
             rng,
