@@ -349,6 +349,15 @@ pub(crate) fn metrics(core: &Core) -> String {
         "status",
         |s| &s.refusals,
     );
+    let episodes = prometheus::IntCounter::new(
+        "wsgate_backpressure_episodes_total",
+        "Times a core turned the gateway-wide backpressure on (a mailbox or its queued bytes over the bound).",
+    )
+    .expect("valid metric");
+    episodes.inc_by(core.shared.pressure.episodes());
+    registry
+        .register(Box::new(episodes))
+        .expect("unique metric");
     let limits = IntGaugeVec::new(
         Opts::new("wsgate_limit", "Configured limits (0 = off)."),
         &["name"],

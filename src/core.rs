@@ -279,7 +279,19 @@ impl Core {
     /// for that core in this scheduler pass.
     fn post(&self, core: usize, msg: Msg) {
         debug_assert_ne!(core, self.id);
-        self.outbox.borrow_mut()[core].push(msg);
+        let queued = {
+            let mut outbox = self.outbox.borrow_mut();
+            outbox[core].push(msg);
+            outbox[core].len()
+        };
+        // Messages waiting for the flusher count against the destination's limit too: on
+        // the epoll driver a connection may read many times before the flusher runs, and
+        // every read must already see the pressure. (The destination turns it off once it
+        // has handled them.)
+        if queued >= self.config().mailbox_limit && !self.shared.pressure.has(core, Reason::Mailbox)
+        {
+            self.shared.pressure.set(core, Reason::Mailbox, true);
+        }
         if !self.flush_pending.replace(true) {
             if let Some(w) = self.flush_waker.take() {
                 w.wake();

@@ -42,6 +42,8 @@ pub enum Reason {
 pub struct Pressure {
     /// How many (core, reason) flags are on.
     on: AtomicUsize,
+    /// How many times a flag turned on since start.
+    episodes: std::sync::atomic::AtomicU64,
     flags: Vec<[AtomicBool; 2]>,
     /// Each core's resume task, woken when the pressure goes off.
     wakers: Vec<AtomicWaker>,
@@ -52,6 +54,7 @@ impl Pressure {
     pub fn new(cores: usize) -> Pressure {
         Pressure {
             on: AtomicUsize::new(0),
+            episodes: std::sync::atomic::AtomicU64::new(0),
             flags: (0..cores)
                 .map(|_| [AtomicBool::new(false), AtomicBool::new(false)])
                 .collect(),
@@ -63,6 +66,11 @@ impl Pressure {
     #[inline]
     pub fn is_on(&self) -> bool {
         self.on.load(Ordering::Relaxed) > 0
+    }
+
+    /// How many times a core turned the pressure on (for a reason) since start.
+    pub fn episodes(&self) -> u64 {
+        self.episodes.load(Ordering::Relaxed)
     }
 
     /// Whether `core` has `reason` on.
@@ -79,6 +87,7 @@ impl Pressure {
         }
         if on {
             self.on.fetch_add(1, Ordering::SeqCst);
+            self.episodes.fetch_add(1, Ordering::Relaxed);
             true
         } else {
             if self.on.fetch_sub(1, Ordering::SeqCst) == 1 {
