@@ -14,22 +14,26 @@
 #            JSON summary; default: a new /tmp/wsgate-soak.XXXXXX, kept after the run)
 #   env:     SOAK_REQUIRE_METRICS=1 (fail, not only warn, when the queue gauges
 #            wsgate_mailbox_depth / wsgate_queued_bytes or their wsgate_limit are missing),
-#            SOAK_BENCH_ARGS (extra wsgate-bench soak flags, e.g. "--rate 10 --flooders 0"),
+#            SOAK_BENCH_ARGS (extra wsgate-bench soak flags, e.g. "--rate 10 --flooders 0", or
+#            "--flood-to local": flood with frames handled on the flooder's own core instead
+#            of sends routed to the other core's mailbox),
 #            SOAK_WSGATE_ARGS (extra wsgate flags, e.g. "--driver epoll")
 #
 # The load (wsgate-bench `soak`, src/bin/wsgate-bench/soak.rs), for the whole run: most
 # connections idle but answering pings (--ping-interval 5s --idle-timeout 15s), 10% churning
 # (each lives 0.5-10 s, then a close handshake or a reset, and is replaced at once), 1% sending
 # direct and room messages at 5/s with per-sender sequence numbers, 4 clients that stop
-# reading (closed by the gateway with 1013 or 4000: expected), 2 flooding clients, and one
+# reading (closed by the gateway with 1013 or 4000: expected), 2 clients flooding sends and
+# publishes that cross to the other core's mailbox (while that mailbox is unbounded, its
+# backlog alone can grow the gateway's RSS by tens of MB and fail check 2), and one
 # throwaway connection with bad input every 500 ms per load process. Connections are spread
 # over several load processes (one process holds at most 20,000 descriptors here) and source
 # addresses 127.0.0.1..N.
 #
 # It fails on:
-#  1. a sequence gap, duplicate or reordering on a connection that stayed open, or a stable
-#     receiver missing a stable sender's last message; a well-behaved connection closed by
-#     the gateway; an error answer to a valid request;
+#  1. a sequence gap, duplicate or reordering on a connection that stayed open (a stable
+#     receiver must see a stable sender's messages from n = 1 through its last one); a
+#     well-behaved connection closed by the gateway; an error answer to a valid request;
 #  2. gateway RSS (VmRSS, sampled each second) growing more than 5% between the first and the
 #     last third of the measured period (each third: the mean of its 5-second floors, so a
 #     backlog that comes and goes is not taken for a leak; why 5% and why floors: soak.rs),

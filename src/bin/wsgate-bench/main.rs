@@ -43,6 +43,16 @@ enum Scenario {
     Soak,
 }
 
+/// What the soak's flooders send.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum FloodTo {
+    /// `send` to users nobody holds and `publish` to empty rooms: routed across cores.
+    Cross,
+    /// `leave` of rooms the flooder is not in: handled on its own core.
+    Local,
+}
+
 /// Load generator for wsgate and WebSocket echo servers (loopback only).
 #[derive(Parser, Debug, Clone, Serialize)]
 #[command(name = "wsgate-bench", version)]
@@ -124,6 +134,9 @@ struct Args {
     /// soak: clients that write as fast as their socket takes it.
     #[arg(long, default_value_t = 2)]
     flooders: usize,
+    /// soak: what the flooders send: cross (to other cores' mailboxes) or local (own core).
+    #[arg(long, value_enum, default_value = "cross")]
+    flood_to: FloodTo,
     /// soak: a flooder's pause after each 64 KiB write (it yields the thread to the others).
     #[arg(long, default_value = "1ms", value_parser = wsgate::config::parse_duration)]
     #[serde(with = "humantime_serde_compat")]

@@ -25,8 +25,9 @@
 //! Every user id is one slot (`u{i}`), so a direct message reaches that slot's connection(s);
 //! each connection checks its own deliveries: per (sender, user-or-room) the sequence numbers
 //! must be contiguous from the first one it saw (order per sender, no silent loss while both
-//! ends are open). A message from a sender whose connection closed may be the last one; a
-//! stable receiver must have seen the `last` marker of every stable sender that targets it.
+//! ends are open). A message from a sender whose connection closed may be the last one. A
+//! stable receiver, whose join is acknowledged before any sender starts, must see every
+//! stable sender that targets it from n = 1 through its `last` marker.
 //!
 //! The parent starts the load once every child has connected, samples the gateway's RSS every
 //! second and `/metrics` every `--metrics-every`, prints progress every 5 s on stderr, and at
@@ -146,6 +147,21 @@ impl Plan {
         (i % self.rooms) as u32
     }
 
+    /// The rooms sender `i` publishes to: with S senders, the o-th one takes rooms o, o+S,
+    /// o+2S, ... so that every room has a publisher (there are more rooms than senders).
+    fn publish_rooms(&self, i: usize) -> Vec<u32> {
+        let o = (i - self.stalled - self.flooders) / self.sender_every;
+        let senders = (self.n - self.stalled - self.flooders).div_ceil(self.sender_every);
+        let mut out: Vec<u32> = (o..self.rooms)
+            .step_by(senders.max(1))
+            .map(|r| r as u32)
+            .collect();
+        if out.is_empty() {
+            out.push(self.room_of(i));
+        }
+        out
+    }
+
     /// A sender's direct targets: distinct well-behaved slots other than itself.
     fn targets(&self, i: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(TARGETS);
@@ -173,10 +189,9 @@ impl Plan {
             if r.kind != Kind::Stable || !r.sends {
                 continue;
             }
-            by_room
-                .entry(self.room_of(s))
-                .or_default()
-                .push(sender_id(s, 0));
+            for room in self.publish_rooms(s) {
+                by_room.entry(room).or_default().push(sender_id(s, 0));
+            }
             for t in self.targets(s) {
                 if self.mine(t) && self.role(t).kind == Kind::Stable {
                     by_target.entry(t).or_default().push(sender_id(s, 0));
@@ -293,6 +308,8 @@ struct State {
     pad: String,
     /// Every load task has ended (stops the stats ticker).
     done: Cell<bool>,
+    /// Connections whose join was acknowledged.
+    joined: Cell<u64>,
 }
 
 impl State {
@@ -346,6 +363,12 @@ impl State {
 #[derive(Default)]
 struct Tracker {
     seen: HashMap<(u64, u32), (u64, bool)>,
+    /// (sender, channel) pairs whose every message this connection must see, from n = 1: a
+    /// stable receiver's, for stable senders (it joined and was registered before any sender
+    /// started).
+    strict: std::collections::HashSet<(u64, u32)>,
+    /// The join was acknowledged.
+    joined: bool,
 }
 
 #[derive(Deserialize)]
@@ -380,7 +403,14 @@ impl Tracker {
                 st.report(|| format!("conn u{slot}/g{gen}: got {}", preview(payload)));
                 return;
             }
-            _ => return, // welcome, ack
+            "ack" => {
+                if !self.joined {
+                    self.joined = true;
+                    st.joined.set(st.joined.get() + 1);
+                }
+                return;
+            }
+            _ => return, // welcome
         }
         let data = m
             .data
@@ -405,6 +435,20 @@ impl Tracker {
         match self.seen.get_mut(&(d.s, channel)) {
             None => {
                 self.seen.insert((d.s, channel), (d.n, last));
+                if d.n != 1 && self.strict.contains(&(d.s, channel)) {
+                    st.stat(|s| {
+                        s.gaps += 1;
+                        s.missing += d.n.saturating_sub(1);
+                    });
+                    st.report(|| {
+                        format!(
+                            "GAP on conn u{slot}/g{gen}: sender {} channel {} expected n=1 got n={} (first message)",
+                            fmt_sender(d.s),
+                            fmt_channel(channel),
+                            d.n
+                        )
+                    });
+                }
             }
             Some(e) => {
                 if d.n == e.0 + 1 {
@@ -512,6 +556,7 @@ async fn child_main(args: Args, k: usize) -> Stats {
         expected,
         pad,
         done: Cell::new(false),
+        joined: Cell::new(0),
     });
     let slots: Vec<usize> = (0..st.plan.n)
         .filter(|&i| st.plan.mine(i) && matches!(st.plan.role(i).kind, Kind::Stable | Kind::Churn))
@@ -541,7 +586,24 @@ async fn child_main(args: Args, k: usize) -> Stats {
             }
         }
     }
+    // Every join processed before any sender starts: the stable receivers' checks start at
+    // n = 1.
+    let t0 = Instant::now();
+    while st.joined.get() < st.stats.borrow().initial_connected
+        && t0.elapsed() < Duration::from_secs(30)
+    {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
     let s = st.stats.borrow().clone();
+    if st.joined.get() < s.initial_connected {
+        st.report(|| {
+            format!(
+                "only {} of {} joins acknowledged within 30 s",
+                st.joined.get(),
+                s.initial_connected
+            )
+        });
+    }
     println!(
         "{}",
         json!({"event": "connected", "n": s.initial_connected, "failed": s.initial_failed})
@@ -618,6 +680,11 @@ async fn slot(st: Rc<State>, i: usize, first: WsConn) {
             })
         };
         let mut tracker = Tracker::default();
+        if gen == 0 && role.kind == Kind::Stable {
+            if let Some(keys) = st.expected.get(&i) {
+                tracker.strict = keys.iter().copied().collect();
+            }
+        }
         let ended = run_conn(&st, i, gen, c, role, &deadline, &mut tracker).await;
         let conn_now = match ended {
             Ended::Planned(c) => c,
@@ -695,7 +762,10 @@ async fn run_conn(
     deadline: &dyn Fn(&State) -> Option<Instant>,
     tracker: &mut Tracker,
 ) -> Ended {
-    let join = format!(r#"{{"type":"join","room":"r{}"}}"#, st.plan.room_of(i));
+    let join = format!(
+        r#"{{"type":"join","room":"r{}","id":1}}"#,
+        st.plan.room_of(i)
+    );
     if let Err(e) = conn.send(&client_frame(0x1, join.as_bytes())).await {
         return Ended::Broken(format!("join: {e}"));
     }
@@ -740,8 +810,9 @@ async fn run_conn(
     }
 }
 
-/// Sends at `--rate` until `until`, alternating the sender's room and its direct targets, each
-/// with its own sequence; a stable sender then sends its `last` marker on every channel.
+/// Sends at `--rate` until `until`, alternating its rooms and its direct targets (each in
+/// turn), each with its own sequence; a stable sender then sends its `last` marker on every
+/// channel.
 async fn send_loop(
     st: Rc<State>,
     i: usize,
@@ -751,9 +822,9 @@ async fn send_loop(
     stable: bool,
 ) {
     let id = sender_id(i, gen);
-    let room = st.plan.room_of(i);
+    let rooms = st.plan.publish_rooms(i);
     let targets = st.plan.targets(i);
-    let mut seq_room = 0u64;
+    let mut seq_room = vec![0u64; rooms.len()];
     let mut seq_direct = vec![0u64; targets.len()];
     let rate = if st.args.rate > 0.0 {
         st.args.rate
@@ -765,7 +836,7 @@ async fn send_loop(
     let mut next = Instant::now() + period.mul_f64((mix(id) % 1000) as f64 / 1000.0);
     let pad = &st.pad;
     let mut turn = 0usize;
-    let frame_room = |n: u64, last: bool| {
+    let frame_room = |room: u32, n: u64, last: bool| {
         let text = format!(
             r#"{{"type":"publish","room":"r{room}","data":{{"s":{id},"n":{n}{},"p":"{pad}"}}}}"#,
             if last { r#","last":1"# } else { "" }
@@ -787,9 +858,10 @@ async fn send_loop(
         next += period;
         turn += 1;
         let r = if turn.is_multiple_of(2) || targets.is_empty() {
-            seq_room += 1;
+            let k = (turn / 2) % rooms.len();
+            seq_room[k] += 1;
             st.stat(|s| s.sent_room += 1);
-            sender.send(&frame_room(seq_room, false)).await
+            sender.send(&frame_room(rooms[k], seq_room[k], false)).await
         } else {
             let t = (turn / 2) % targets.len();
             seq_direct[t] += 1;
@@ -803,10 +875,16 @@ async fn send_loop(
         }
     }
     if stable {
-        seq_room += 1;
-        st.stat(|s| s.sent_room += 1);
-        if sender.send(&frame_room(seq_room, true)).await.is_err() {
-            return;
+        for (k, &room) in rooms.iter().enumerate() {
+            seq_room[k] += 1;
+            st.stat(|s| s.sent_room += 1);
+            if sender
+                .send(&frame_room(room, seq_room[k], true))
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
         for (t, &to) in targets.iter().enumerate() {
             seq_direct[t] += 1;
@@ -883,15 +961,20 @@ async fn stalled(st: Rc<State>, i: usize) {
     }
 }
 
-/// A client that writes as fast as its socket takes it: `send` to users nobody holds and
-/// `publish` to empty rooms (both routed across cores), without ids (no answers). It still
-/// reads, to answer pings. Reconnects when the gateway closes it.
+/// A client that writes as fast as its socket takes it, without ids (no answers): with
+/// `--flood-to cross`, `send` to users nobody holds and `publish` to empty rooms (both routed
+/// across cores: the cross-core mailboxes fill); with `local`, `leave` of rooms it is not in
+/// (handled on its own core). It still reads, to answer pings. Reconnects when the gateway
+/// closes it.
 async fn flooder(st: Rc<State>, i: usize) {
+    let cross = st.args.flood_to == crate::FloodTo::Cross;
     let mut chunk = Vec::with_capacity(70 * 1024);
     let mut x = 0u64;
     while chunk.len() < 64 * 1024 {
         x += 1;
-        let text = if x.is_multiple_of(2) {
+        let text = if !cross {
+            format!(r#"{{"type":"leave","room":"void{}"}}"#, x % 89)
+        } else if x.is_multiple_of(2) {
             format!(r#"{{"type":"send","to":"nobody{}","data":{x}}}"#, x % 97)
         } else {
             format!(r#"{{"type":"publish","room":"void{}","data":{x}}}"#, x % 89)
