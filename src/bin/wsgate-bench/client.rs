@@ -2,7 +2,7 @@
 //! a per-thread read buffer, frames built once per message, a zero mask key (legal in RFC 6455
 //! and free to apply), and `SO_LINGER 0` closes so runs leave no TIME_WAIT behind.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -19,6 +19,8 @@ thread_local! {
 pub struct WsConn {
     stream: Rc<TcpStream>,
     fd: RawFd,
+    /// A write is under way (shared with the [`Sender`]s): see `send_all`.
+    busy: Rc<Cell<bool>>,
     /// Bytes read but not yet parsed (an unfinished frame).
     pending: Vec<u8>,
     /// The code of the close frame the server sent, once one arrived (0: none in it).
@@ -98,6 +100,7 @@ pub async fn tcp(
     Ok(WsConn {
         stream: Rc::new(stream),
         fd,
+        busy: Rc::new(Cell::new(false)),
         pending: Vec::new(),
         close_code: None,
     })
@@ -150,16 +153,39 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 pub struct Sender {
     stream: Rc<TcpStream>,
     fd: RawFd,
+    busy: Rc<Cell<bool>>,
 }
 
 impl Sender {
     /// Sends all of `data`, waiting for writability when the socket is full.
     pub async fn send(&self, data: &[u8]) -> io::Result<()> {
-        send_all(&self.stream, self.fd, data).await
+        send_all(&self.stream, self.fd, &self.busy, data).await
     }
 }
 
-async fn send_all(stream: &TcpStream, fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+/// Clears the busy flag when a write ends, completed, failed or cancelled.
+struct Writing<'a>(&'a Cell<bool>);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
+}
+
+/// Writes all of `data`. One write at a time per connection: a write that blocks halfway (a
+/// full socket) must not let another task's frame (a pong, another message) into the middle
+/// of its frame.
+async fn send_all(
+    stream: &TcpStream,
+    fd: RawFd,
+    busy: &Cell<bool>,
+    mut data: &[u8],
+) -> io::Result<()> {
+    while busy.get() {
+        monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    busy.set(true);
+    let _writing = Writing(busy);
     while !data.is_empty() {
         // SAFETY: data is a valid readable region.
         let r = errno_result(unsafe {
@@ -186,12 +212,13 @@ impl WsConn {
         Sender {
             stream: self.stream.clone(),
             fd: self.fd,
+            busy: self.busy.clone(),
         }
     }
 
     /// Sends all of `data`, waiting for writability when the socket is full.
     pub async fn send(&self, data: &[u8]) -> io::Result<()> {
-        send_all(&self.stream, self.fd, data).await
+        send_all(&self.stream, self.fd, &self.busy, data).await
     }
 
     /// Bytes received and not consumed by [`WsConn::read_frames`] (raw connections).
