@@ -164,7 +164,9 @@ struct Args {
     #[arg(long, default_value_t = 2.0)]
     queue_slack: f64,
     /// soak: fail (not only warn) when the queue gauges or their limits are missing.
-    #[arg(long, env = "SOAK_REQUIRE_METRICS")]
+    /// (also from the environment: SOAK_REQUIRE_METRICS=1).
+    #[arg(long, env = "SOAK_REQUIRE_METRICS", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
     require_metrics: bool,
     /// Internal: this process is child K of --processes.
     #[arg(long, hide = true)]
