@@ -2,7 +2,7 @@
 //! a per-thread read buffer, frames built once per message, a zero mask key (legal in RFC 6455
 //! and free to apply), and `SO_LINGER 0` closes so runs leave no TIME_WAIT behind.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -19,8 +19,12 @@ thread_local! {
 pub struct WsConn {
     stream: Rc<TcpStream>,
     fd: RawFd,
+    /// A write is under way (shared with the [`Sender`]s): see `send_all`.
+    busy: Rc<Cell<bool>>,
     /// Bytes read but not yet parsed (an unfinished frame).
     pending: Vec<u8>,
+    /// The code of the close frame the server sent, once one arrived (0: none in it).
+    close_code: Option<u16>,
 }
 
 /// A server data frame's payload.
@@ -38,7 +42,32 @@ fn errno_result(n: isize) -> io::Result<usize> {
 
 /// Opens a TCP connection from `src` (if given) and performs the upgrade for `path`.
 pub async fn connect(target: SocketAddr, src: Option<Ipv4Addr>, path: &str) -> io::Result<WsConn> {
+    connect_with(target, src, path, None).await
+}
+
+/// [`connect`] with a receive buffer of `rcvbuf` bytes (a small one makes a client that stops
+/// reading fill the server's queue quickly).
+pub async fn connect_with(
+    target: SocketAddr,
+    src: Option<Ipv4Addr>,
+    path: &str,
+    rcvbuf: Option<usize>,
+) -> io::Result<WsConn> {
+    let mut conn = tcp(target, src, rcvbuf).await?;
+    conn.upgrade(target, path).await?;
+    Ok(conn)
+}
+
+/// A plain TCP connection, not upgraded (for raw bytes: garbage, broken requests).
+pub async fn tcp(
+    target: SocketAddr,
+    src: Option<Ipv4Addr>,
+    rcvbuf: Option<usize>,
+) -> io::Result<WsConn> {
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    if let Some(n) = rcvbuf {
+        sock.set_recv_buffer_size(n)?;
+    }
     if let Some(ip) = src {
         // Lets many connections share a source address without reserving a port at bind.
         let one: libc::c_int = 1;
@@ -68,28 +97,37 @@ pub async fn connect(target: SocketAddr, src: Option<Ipv4Addr>, path: &str) -> i
     if let Some(e) = with_sock(fd, |s| s.take_error())? {
         return Err(e);
     }
-    let mut conn = WsConn {
+    Ok(WsConn {
         stream: Rc::new(stream),
         fd,
+        busy: Rc::new(Cell::new(false)),
         pending: Vec::new(),
-    };
-    let req = format!(
+        close_code: None,
+    })
+}
+
+impl WsConn {
+    /// Sends the upgrade request for `path` and waits for the `101`.
+    async fn upgrade(&mut self, target: SocketAddr, path: &str) -> io::Result<()> {
+        let conn = self;
+        let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
-    conn.send(req.as_bytes()).await?;
-    loop {
-        conn.read_some().await?;
-        if let Some(end) = find(&conn.pending, b"\r\n\r\n") {
-            if !conn.pending.starts_with(b"HTTP/1.1 101") {
-                let head = String::from_utf8_lossy(&conn.pending[..end]).into_owned();
-                return Err(io::Error::other(format!("upgrade refused: {head}")));
+        conn.send(req.as_bytes()).await?;
+        loop {
+            conn.read_some().await?;
+            if let Some(end) = find(&conn.pending, b"\r\n\r\n") {
+                if !conn.pending.starts_with(b"HTTP/1.1 101") {
+                    let head = String::from_utf8_lossy(&conn.pending[..end]).into_owned();
+                    return Err(io::Error::other(format!("upgrade refused: {head}")));
+                }
+                conn.pending.drain(..end + 4);
+                return Ok(());
             }
-            conn.pending.drain(..end + 4);
-            return Ok(conn);
-        }
-        if conn.pending.len() > 16 * 1024 {
-            return Err(io::Error::other("oversized upgrade answer"));
+            if conn.pending.len() > 16 * 1024 {
+                return Err(io::Error::other("oversized upgrade answer"));
+            }
         }
     }
 }
@@ -115,16 +153,39 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 pub struct Sender {
     stream: Rc<TcpStream>,
     fd: RawFd,
+    busy: Rc<Cell<bool>>,
 }
 
 impl Sender {
     /// Sends all of `data`, waiting for writability when the socket is full.
     pub async fn send(&self, data: &[u8]) -> io::Result<()> {
-        send_all(&self.stream, self.fd, data).await
+        send_all(&self.stream, self.fd, &self.busy, data).await
     }
 }
 
-async fn send_all(stream: &TcpStream, fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+/// Clears the busy flag when a write ends, completed, failed or cancelled.
+struct Writing<'a>(&'a Cell<bool>);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
+}
+
+/// Writes all of `data`. One write at a time per connection: a write that blocks halfway (a
+/// full socket) must not let another task's frame (a pong, another message) into the middle
+/// of its frame.
+async fn send_all(
+    stream: &TcpStream,
+    fd: RawFd,
+    busy: &Cell<bool>,
+    mut data: &[u8],
+) -> io::Result<()> {
+    while busy.get() {
+        monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    busy.set(true);
+    let _writing = Writing(busy);
     while !data.is_empty() {
         // SAFETY: data is a valid readable region.
         let r = errno_result(unsafe {
@@ -151,16 +212,27 @@ impl WsConn {
         Sender {
             stream: self.stream.clone(),
             fd: self.fd,
+            busy: self.busy.clone(),
         }
     }
 
     /// Sends all of `data`, waiting for writability when the socket is full.
     pub async fn send(&self, data: &[u8]) -> io::Result<()> {
-        send_all(&self.stream, self.fd, data).await
+        send_all(&self.stream, self.fd, &self.busy, data).await
+    }
+
+    /// Bytes received and not consumed by [`WsConn::read_frames`] (raw connections).
+    pub fn pending(&self) -> &[u8] {
+        &self.pending
+    }
+
+    /// The code of the server's close frame, once one arrived (0 when it carried none).
+    pub fn close_code(&self) -> Option<u16> {
+        self.close_code
     }
 
     /// Waits for bytes and appends them to the pending buffer. Errors at the end of stream.
-    async fn read_some(&mut self) -> io::Result<()> {
+    pub async fn read_some(&mut self) -> io::Result<()> {
         loop {
             self.stream.readable(false).await?;
             let r = SCRATCH.with(|s| {
@@ -203,7 +275,13 @@ impl WsConn {
             let payload = &self.pending[pos + start..pos + start + len];
             match opcode {
                 0x9 => pongs.push(client_frame(0xA, payload)),
-                0x8 => closed = true,
+                0x8 => {
+                    closed = true;
+                    self.close_code = Some(match payload {
+                        [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                        _ => 0,
+                    });
+                }
                 _ => on_frame(Frame { payload }),
             }
             pos += start + len;
@@ -237,6 +315,33 @@ impl WsConn {
         }
     }
 
+    /// Closes with a close handshake: sends a close frame with `code`, reads (discarding data)
+    /// until the server's close frame and then its end of stream, for at most `wait`, then
+    /// closes the socket. Returns the server's close code, if one came.
+    pub async fn close(mut self, code: u16, wait: std::time::Duration) -> Option<u16> {
+        if self
+            .send(&client_frame(0x8, &code.to_be_bytes()))
+            .await
+            .is_err()
+        {
+            self.reset();
+            return None;
+        }
+        let _ = monoio::time::timeout(wait, async {
+            while self.read_frames(|_| {}).await.is_ok() {}
+            // The server shuts the socket after its reply: wait for that, so this side closes
+            // second and keeps no TIME_WAIT.
+            while self.close_code.is_some() && self.read_some().await.is_ok() {}
+        })
+        .await;
+        self.close_code
+    }
+
+    /// Closes the socket at once with `SO_LINGER 0`: the peer gets a reset, nothing else.
+    pub fn reset(self) {
+        let _ = with_sock(self.fd, |s| s.set_linger(Some(std::time::Duration::ZERO)));
+    }
+
     /// Ends the connection with a reset (no TIME_WAIT left behind).
     pub fn abort(self) {
         let _ = with_sock(self.fd, |s| s.set_linger(Some(std::time::Duration::ZERO)));
@@ -259,5 +364,6 @@ fn parse(b: &[u8]) -> Option<(u8, usize, usize)> {
         126 | 127 => return None,
         n => (n as usize, 2),
     };
-    (b.len() >= start + len).then_some((opcode, start, len))
+    // A length near u64::MAX from a broken peer must not overflow.
+    (b.len().saturating_sub(start) >= len).then_some((opcode, start, len))
 }

@@ -6,9 +6,11 @@
 //! against any WebSocket echo server, for peers). One process holds at most ~19,000
 //! connections here (20,000 fds), so `--processes P` forks P copies of itself, each taking
 //! every P-th connection, and merges their results. Progress goes to stderr once a second;
-//! the final result is one JSON object on stdout.
+//! the final result is one JSON object on stdout. `soak` (see `soak.rs`) is a long mixed run
+//! with faults that checks order, loss, memory and queue bounds and fails loudly.
 
 mod client;
+mod soak;
 
 use std::cell::RefCell;
 use std::io::{BufRead, BufReader, IsTerminal};
@@ -38,13 +40,24 @@ enum Scenario {
     Direct,
     Room,
     Echo,
+    Soak,
+}
+
+/// What the soak's flooders send.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum FloodTo {
+    /// `send` to users nobody holds and `publish` to empty rooms: routed across cores.
+    Cross,
+    /// `leave` of rooms the flooder is not in: handled on its own core.
+    Local,
 }
 
 /// Load generator for wsgate and WebSocket echo servers (loopback only).
 #[derive(Parser, Debug, Clone, Serialize)]
 #[command(name = "wsgate-bench", version)]
 struct Args {
-    /// connect | idle | direct | room | echo
+    /// connect | idle | direct | room | echo | soak
     #[arg(value_enum)]
     scenario: Scenario,
     /// Server address (loopback).
@@ -95,6 +108,66 @@ struct Args {
     /// Room members for `room` (connections beyond the publisher).
     #[arg(long, default_value = "bench-room")]
     room: String,
+    /// soak: share of the connections that churn (closed and replaced continuously).
+    #[arg(long, default_value_t = 0.1)]
+    churn: f64,
+    /// soak: longest life of a churning connection (each lives 0.5 s up to this).
+    #[arg(long, default_value = "10s", value_parser = wsgate::config::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    churn_lifetime: Duration,
+    /// soak: share of churn closes done with a reset (SO_LINGER 0) instead of a close handshake.
+    #[arg(long, default_value_t = 0.5)]
+    rst_share: f64,
+    /// soak: sending connections (0 = one per 100); each sends --rate messages/s (default 5).
+    #[arg(long, default_value_t = 0)]
+    senders: usize,
+    /// soak: connections per room (every well-behaved connection joins one room).
+    #[arg(long, default_value_t = 50)]
+    room_size: usize,
+    /// soak: clients that stop reading (half keep writing: 1013; half go silent: 4000).
+    #[arg(long, default_value_t = 4)]
+    stalled: usize,
+    /// soak: how long a stalled client lives before it is replaced.
+    #[arg(long, default_value = "25s", value_parser = wsgate::config::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    stall_lifetime: Duration,
+    /// soak: clients that write as fast as their socket takes it.
+    #[arg(long, default_value_t = 2)]
+    flooders: usize,
+    /// soak: what the flooders send: cross (to other cores' mailboxes) or local (own core).
+    #[arg(long, value_enum, default_value = "cross")]
+    flood_to: FloodTo,
+    /// soak: a flooder's pause after each 64 KiB write (it yields the thread to the others).
+    #[arg(long, default_value = "1ms", value_parser = wsgate::config::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    flood_pause: Duration,
+    /// soak: each process opens one connection with bad input this often.
+    #[arg(long, default_value = "500ms", value_parser = wsgate::config::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    malformed_every: Duration,
+    /// soak: the gateway's --max-message-size (the oversized frame is one byte more).
+    #[arg(long, default_value_t = 65536)]
+    max_message_size: usize,
+    /// soak: after the senders stop, time for the last messages to arrive.
+    #[arg(long, default_value = "5s", value_parser = wsgate::config::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    drain: Duration,
+    /// soak: scrape the gateway's /metrics this often.
+    #[arg(long, default_value = "2s", value_parser = wsgate::config::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    metrics_every: Duration,
+    /// soak: fail when the gateway's RSS grows more than this (percent, last third of the
+    /// measured period against the first).
+    #[arg(long, default_value_t = 5.0)]
+    rss_drift_max: f64,
+    /// soak: fail when a queue gauge exceeds its limit by more than this factor.
+    #[arg(long, default_value_t = 2.0)]
+    queue_slack: f64,
+    /// soak: fail (not only warn) when the queue gauges or their limits are missing.
+    /// (also from the environment: SOAK_REQUIRE_METRICS=1).
+    #[arg(long, env = "SOAK_REQUIRE_METRICS", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    require_metrics: bool,
     /// Internal: this process is child K of --processes.
     #[arg(long, hide = true)]
     child: Option<usize>,
@@ -181,6 +254,15 @@ fn main() -> Result<()> {
             "wsgate-bench only targets loopback addresses (got {})",
             args.target
         );
+    }
+    if args.scenario == Scenario::Soak {
+        return match args.child {
+            Some(_) => soak::child(&args),
+            None => match soak::parent(&args)? {
+                true => Ok(()),
+                false => std::process::exit(1),
+            },
+        };
     }
     if args.processes > 1 && args.child.is_none() {
         return parent(&args);
@@ -513,7 +595,7 @@ async fn thread_main(
         let hists = hists.clone();
         let counters = counters.clone();
         match args.scenario {
-            Scenario::Connect => conn.abort(),
+            Scenario::Connect | Scenario::Soak => conn.abort(),
             Scenario::Idle => tasks.push(monoio::spawn(hold(conn, window.end))),
             Scenario::Echo => tasks.push(monoio::spawn(echo(args, conn, window, hists, counters))),
             Scenario::Direct => tasks.push(monoio::spawn(direct(
