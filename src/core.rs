@@ -224,6 +224,8 @@ pub(crate) struct Shared {
     /// Keys of the owner hash: one random pair per process, the same on every core, so
     /// that nobody can choose user or room names that all land on one core.
     pub owner_hash: std::collections::hash_map::RandomState,
+    /// `--tls-cert`/`--tls-key`: every connection is TLS. Read once per handshake.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Shared {
@@ -1335,6 +1337,7 @@ mod tests {
             http_connections: Default::default(),
             pressure,
             owner_hash: std::collections::hash_map::RandomState::new(),
+            tls: None,
         }
     }
 

@@ -14,6 +14,7 @@
 //! | `conn` | a connection: HTTP request, upgrade, then one task: reader and single writer |
 //! | [`codec`] | WebSocket frames: decoder for client frames, encoders for server frames |
 //! | [`http`] | HTTP/1.1 parsing, upgrade checks, plain answers |
+//! | [`tls`] | certificates, their reload, rustls sans-IO on the raw descriptor |
 //! | [`protocol`] | the v1 JSON messages |
 //! | [`mailbox`] | cross-core channel of batches with one wake per batch |
 //! | [`key`] | generational connection keys: stale keys miss |
@@ -39,6 +40,7 @@ pub mod mailbox;
 pub mod protocol;
 pub mod server;
 pub mod stats;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{Handle, Server, StartError};
