@@ -3,10 +3,11 @@
 //! and free to apply), and `SO_LINGER 0` closes so runs leave no TIME_WAIT behind.
 
 use std::cell::RefCell;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use monoio::net::TcpStream;
 use socket2::{Domain, Socket, Type};
@@ -15,10 +16,14 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 256 * 1024]);
 }
 
+/// A client TLS session shared by a connection's reader and its sender (`--tls-ca`).
+type Tls = Option<Rc<RefCell<rustls::ClientConnection>>>;
+
 /// A connected, upgraded WebSocket.
 pub struct WsConn {
     stream: Rc<TcpStream>,
     fd: RawFd,
+    tls: Tls,
     /// Bytes read but not yet parsed (an unfinished frame).
     pending: Vec<u8>,
 }
@@ -36,8 +41,14 @@ fn errno_result(n: isize) -> io::Result<usize> {
     }
 }
 
-/// Opens a TCP connection from `src` (if given) and performs the upgrade for `path`.
-pub async fn connect(target: SocketAddr, src: Option<Ipv4Addr>, path: &str) -> io::Result<WsConn> {
+/// Opens a TCP connection from `src` (if given), with TLS when `tls` is given (server name
+/// `localhost`), and performs the upgrade for `path`.
+pub async fn connect(
+    target: SocketAddr,
+    src: Option<Ipv4Addr>,
+    path: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> io::Result<WsConn> {
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     if let Some(ip) = src {
         // Lets many connections share a source address without reserving a port at bind.
@@ -68,9 +79,18 @@ pub async fn connect(target: SocketAddr, src: Option<Ipv4Addr>, path: &str) -> i
     if let Some(e) = with_sock(fd, |s| s.take_error())? {
         return Err(e);
     }
+    let tls = match tls {
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("valid name");
+            let session = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+            Some(Rc::new(RefCell::new(session)))
+        }
+        None => None,
+    };
     let mut conn = WsConn {
         stream: Rc::new(stream),
         fd,
+        tls,
         pending: Vec::new(),
     };
     let req = format!(
@@ -115,12 +135,85 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 pub struct Sender {
     stream: Rc<TcpStream>,
     fd: RawFd,
+    tls: Tls,
 }
 
 impl Sender {
     /// Sends all of `data`, waiting for writability when the socket is full.
     pub async fn send(&self, data: &[u8]) -> io::Result<()> {
-        send_all(&self.stream, self.fd, data).await
+        send(&self.stream, self.fd, &self.tls, data).await
+    }
+}
+
+/// A non-blocking socket as `Read`/`Write` for rustls.
+struct Fd(RawFd);
+
+impl Read for Fd {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is a valid writable region.
+        errno_result(unsafe {
+            libc::recv(
+                self.0,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        })
+    }
+}
+
+impl Write for Fd {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: buf is a valid readable region.
+        errno_result(unsafe {
+            libc::send(
+                self.0,
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn send(stream: &TcpStream, fd: RawFd, tls: &Tls, data: &[u8]) -> io::Result<()> {
+    match tls {
+        None => send_all(stream, fd, data).await,
+        Some(t) => {
+            t.borrow_mut().writer().write_all(data)?;
+            flush_tls(stream, fd, t).await
+        }
+    }
+}
+
+/// Sends every record the session holds, waiting for writability when the socket is full.
+async fn flush_tls(
+    stream: &TcpStream,
+    fd: RawFd,
+    t: &RefCell<rustls::ClientConnection>,
+) -> io::Result<()> {
+    loop {
+        let r = {
+            let mut t = t.borrow_mut();
+            let mut r = Ok(());
+            while t.wants_write() {
+                if let Err(e) = t.write_tls(&mut Fd(fd)) {
+                    r = Err(e);
+                    break;
+                }
+            }
+            r
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable(false).await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -151,16 +244,20 @@ impl WsConn {
         Sender {
             stream: self.stream.clone(),
             fd: self.fd,
+            tls: self.tls.clone(),
         }
     }
 
     /// Sends all of `data`, waiting for writability when the socket is full.
     pub async fn send(&self, data: &[u8]) -> io::Result<()> {
-        send_all(&self.stream, self.fd, data).await
+        send(&self.stream, self.fd, &self.tls, data).await
     }
 
     /// Waits for bytes and appends them to the pending buffer. Errors at the end of stream.
     async fn read_some(&mut self) -> io::Result<()> {
+        if let Some(t) = self.tls.clone() {
+            return self.read_some_tls(&t).await;
+        }
         loop {
             self.stream.readable(false).await?;
             let r = SCRATCH.with(|s| {
@@ -186,6 +283,49 @@ impl WsConn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// [`WsConn::read_some`] through TLS: records read and decrypted (driving the handshake,
+    /// whose answers are sent on the way) until some plaintext arrived.
+    async fn read_some_tls(&mut self, t: &RefCell<rustls::ClientConnection>) -> io::Result<()> {
+        loop {
+            flush_tls(&self.stream, self.fd, t).await?;
+            let got = {
+                let mut t = t.borrow_mut();
+                let before = self.pending.len();
+                let mut r = Ok(());
+                loop {
+                    match t.read_tls(&mut Fd(self.fd)) {
+                        Ok(0) => {
+                            r = Err(io::ErrorKind::UnexpectedEof.into());
+                            break;
+                        }
+                        Ok(_) => {
+                            t.process_new_packets().map_err(io::Error::other)?;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            r = Err(e);
+                            break;
+                        }
+                    }
+                }
+                match t.reader().read_to_end(&mut self.pending) {
+                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                    _ => {}
+                }
+                r?;
+                self.pending.len() > before
+            };
+            if got {
+                return Ok(());
+            }
+            if t.borrow().wants_write() {
+                continue;
+            }
+            self.stream.readable(false).await?;
         }
     }
 

@@ -95,6 +95,9 @@ struct Args {
     /// Room members for `room` (connections beyond the publisher).
     #[arg(long, default_value = "bench-room")]
     room: String,
+    /// TLS: connect with `wss://`, trusting this PEM certificate (server name `localhost`).
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
     /// Internal: this process is child K of --processes.
     #[arg(long, hide = true)]
     child: Option<usize>,
@@ -424,15 +427,27 @@ async fn open_all(
     connect_hist: &RefCell<Histogram<u64>>,
 ) -> Vec<(usize, WsConn, u8)> {
     let out = Rc::new(RefCell::new(Vec::with_capacity(idx.len())));
+    let tls = match &args.tls_ca {
+        Some(ca) => match tls_config(ca) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("--tls-ca: {e:#}");
+                counters.failed.fetch_add(idx.len(), Relaxed);
+                return Vec::new();
+            }
+        },
+        None => None,
+    };
     for chunk in idx.chunks(args.concurrency.max(1)) {
         let mut joins = Vec::with_capacity(chunk.len());
         for &i in chunk {
             let (target, src, path) = (args.target, source_of(args, i), path_of(args, i));
             let gateway = args.scenario != Scenario::Echo;
             let out = out.clone();
+            let tls = tls.clone();
             joins.push(monoio::spawn(async move {
                 let t0 = Instant::now();
-                let mut conn = client::connect(target, src, &path).await?;
+                let mut conn = client::connect(target, src, &path, tls).await?;
                 let mut core = 0u8;
                 if gateway {
                     // The welcome: its conn id's top byte is the core (see wsgate::key).
@@ -462,6 +477,22 @@ async fn open_all(
     Rc::try_unwrap(out)
         .map(RefCell::into_inner)
         .unwrap_or_default()
+}
+
+/// A client configuration trusting the PEM certificate(s) in `ca`.
+fn tls_config(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
 }
 
 /// Measurement window shared by a thread's tasks.
