@@ -381,6 +381,38 @@ pub(crate) fn metrics(core: &Core) -> String {
         limits.with_label_values(&[name]).set(v);
     }
     registry.register(Box::new(limits)).expect("unique metric");
+    if let Some(tls) = &core.shared.tls {
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "wsgate_tls_reloads_total",
+                "Certificate reloads (SIGHUP), by result; a failed one keeps the old certificate.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let (ok, error) = tls.reloads();
+        reloads.with_label_values(&["ok"]).inc_by(ok);
+        reloads.with_label_values(&["error"]).inc_by(error);
+        registry.register(Box::new(reloads)).expect("unique metric");
+        let failures = prometheus::IntCounter::new(
+            "wsgate_tls_handshake_failures_total",
+            "Connections whose TLS handshake failed (not TLS, bad records, certificate refused).",
+        )
+        .expect("valid metric");
+        failures.inc_by(tls.handshake_failures());
+        registry
+            .register(Box::new(failures))
+            .expect("unique metric");
+        if let Some(t) = tls.not_after() {
+            let expiry = prometheus::IntGauge::new(
+                "wsgate_tls_cert_not_after_seconds",
+                "The served certificate's notAfter, in Unix seconds.",
+            )
+            .expect("valid metric");
+            expiry.set(t);
+            registry.register(Box::new(expiry)).expect("unique metric");
+        }
+    }
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&registry.gather(), &mut out);
     String::from_utf8(out).unwrap_or_default()

@@ -130,6 +130,16 @@ pub struct Config {
     #[arg(long, env = "WSGATE_INSECURE", default_value_t = false)]
     pub insecure: bool,
 
+    /// PEM certificate chain (server certificate first): with `--tls-key`, every connection on
+    /// the listener is TLS (`wss://`, and HTTPS for health, metrics and the API). SIGHUP
+    /// reloads both files; open connections keep their session.
+    #[arg(long, env = "WSGATE_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of `--tls-cert` (PKCS#8, RSA or EC).
+    #[arg(long, env = "WSGATE_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// Comma-separated origins allowed to upgrade (checked only when an `Origin` header is
     /// present); others get 403. Unset: every origin.
     #[arg(long, env = "WSGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -341,6 +351,13 @@ impl Config {
         }
         if self.jwt_secret.as_deref() == Some("") || self.api_key.as_deref() == Some("") {
             return Err("--jwt-secret and --api-key must not be empty".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(
+                "--tls-cert and --tls-key go together: give both (PEM chain and its key), or \
+                 neither for plain ws:// and HTTP"
+                    .into(),
+            );
         }
         if self.rate_limit < 0.0 || !self.rate_limit.is_finite() {
             return Err("--rate-limit must be a non-negative number".into());

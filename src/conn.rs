@@ -73,8 +73,39 @@ fn shutdown(fd: RawFd) {
     }
 }
 
-/// Writes all of `data` before the upgrade (plain HTTP answers), with readiness waits.
-async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+/// A connection's TLS session before the upgrade (`None`: plain TCP). Boxed: rustls' state
+/// is large, and a plain connection carries only the pointer's niche.
+type TlsConn = Option<Box<rustls::ServerConnection>>;
+
+/// Writes all of `data` before the upgrade (plain HTTP answers), with readiness waits; with
+/// TLS, encrypted.
+async fn write_all(stream: &TcpStream, data: &[u8], tls: &mut TlsConn) -> io::Result<()> {
+    match tls {
+        None => write_plain(stream, data).await,
+        Some(t) => {
+            let mut data = data;
+            while !data.is_empty() {
+                let n = io::Write::write(&mut t.writer(), data)?;
+                data = &data[n..];
+                flush_tls(stream, t).await?;
+            }
+            flush_tls(stream, t).await
+        }
+    }
+}
+
+/// Sends every TLS record rustls has ready, with readiness waits.
+async fn flush_tls(stream: &TcpStream, t: &mut rustls::ServerConnection) -> io::Result<()> {
+    loop {
+        match crate::tls::flush(t, stream.as_raw_fd()) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable(false).await?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn write_plain(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     let fd = stream.as_raw_fd();
     while !data.is_empty() {
         // SAFETY: data is a valid readable region.
@@ -102,8 +133,14 @@ async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 
 /// [`write_all`] within `--handshake-timeout`: a client that never reads cannot hold the
 /// connection (and its descriptor) by leaving an answer unsent.
-async fn write_timed(core: &Core, stream: &TcpStream, data: &[u8]) -> io::Result<()> {
-    match monoio::time::timeout(core.config().handshake_timeout, write_all(stream, data)).await {
+async fn write_timed(
+    core: &Core,
+    stream: &TcpStream,
+    data: &[u8],
+    tls: &mut TlsConn,
+) -> io::Result<()> {
+    let write = write_all(stream, data, tls);
+    match monoio::time::timeout(core.config().handshake_timeout, write).await {
         Ok(r) => r,
         Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
@@ -116,6 +153,7 @@ async fn read_request(
     stream: &TcpStream,
     buf: &mut Vec<u8>,
     max_body: usize,
+    tls: &mut TlsConn,
 ) -> Result<Option<Request>, HttpError> {
     let fd = stream.as_raw_fd();
     let mut continued = false;
@@ -127,7 +165,7 @@ async fn read_request(
             }
             if !continued && http::wants_continue(buf) {
                 continued = true;
-                if write_all(stream, http::CONTINUE).await.is_err() {
+                if write_all(stream, http::CONTINUE, tls).await.is_err() {
                     return Ok(None);
                 }
             }
@@ -136,8 +174,20 @@ async fn read_request(
         while core.shared.pressure.is_on() {
             monoio::time::sleep(Duration::from_millis(5)).await;
         }
+        if let Some(t) = tls.as_deref_mut() {
+            // The handshake's records (and any alert) go out before waiting for the peer.
+            if flush_tls(stream, t).await.is_err() {
+                return Ok(None);
+            }
+        }
         if stream.readable(false).await.is_err() {
             return Ok(None);
+        }
+        if tls.is_some() {
+            if !read_tls_request(core, fd, buf, tls)? {
+                return Ok(None);
+            }
+            continue;
         }
         let mut scratch = core.scratch.borrow_mut();
         match recv(fd, &mut scratch) {
@@ -153,6 +203,65 @@ async fn read_request(
     }
 }
 
+/// One TLS read before the upgrade: records from the socket, the handshake driven on, the
+/// plaintext appended to `buf`. False when the connection is over (end of stream, a TLS
+/// error, the peer's close_notify). A client speaking plain HTTP to the TLS port gets a
+/// plain `400` telling it so: the session is dropped and the answer goes out unencrypted.
+fn read_tls_request(
+    core: &Core,
+    fd: RawFd,
+    buf: &mut Vec<u8>,
+    tls: &mut TlsConn,
+) -> Result<bool, HttpError> {
+    let Some(t) = tls.as_deref_mut() else {
+        return Ok(false);
+    };
+    match t.read_tls(&mut crate::tls::Fd(fd)) {
+        Ok(0) => return Ok(false),
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            return Ok(true)
+        }
+        Err(_) => return Ok(false),
+    }
+    if let Err(e) = t.process_new_packets() {
+        if let Some(tls_state) = &core.shared.tls {
+            tls_state.count_handshake_failure();
+        }
+        let plain_http = t.is_handshaking()
+            && matches!(
+                e,
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
+            );
+        tracing::debug!(error = %e, plain_http, "TLS handshake failed");
+        if plain_http {
+            *tls = None;
+            return Err(HttpError::new(
+                400,
+                "this port speaks TLS: use https:// or wss://",
+            ));
+        }
+        // The alert rustls queued, if the socket takes it at once.
+        let _ = crate::tls::flush(t, fd);
+        return Ok(false);
+    }
+    let mut scratch = core.scratch.borrow_mut();
+    loop {
+        match io::Read::read(&mut t.reader(), &mut scratch) {
+            // The peer's close_notify.
+            Ok(0) => return Ok(false),
+            Ok(n) => buf.extend_from_slice(&scratch[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(_) => return Ok(false),
+        }
+    }
+}
+
 /// How long, and how much, a closing plain-HTTP connection keeps reading what the client
 /// still sends after our last answer (nginx's lingering close): closing a socket with unread
 /// bytes makes the kernel send a reset, which can destroy the answer (a 413 sent while the
@@ -163,8 +272,13 @@ const LINGER_BYTES: usize = 1 << 20;
 /// Ends a plain-HTTP connection: sends our FIN, then discards what the client still sends
 /// for a bounded time and amount, or until it closes too. The socket closes when the stream
 /// is dropped.
-async fn linger_close(core: &Core, stream: &TcpStream) {
+async fn linger_close(core: &Core, stream: &TcpStream, tls: &mut TlsConn) {
     let fd = stream.as_raw_fd();
+    if let Some(t) = tls.as_deref_mut() {
+        // The TLS end of the stream, if the socket takes it at once.
+        t.send_close_notify();
+        let _ = crate::tls::flush(t, fd);
+    }
     // SAFETY: shutdown of the write side of a socket we own.
     unsafe {
         libc::shutdown(fd, libc::SHUT_WR);
@@ -223,6 +337,10 @@ pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream) {
         // then close. Nothing here waits on the client.
         stats::inc(&core.stats().http_connections_refused);
         core.stats().count_refusal(503);
+        if core.shared.tls.is_some() {
+            // A TLS client could not read a plain answer: the connection just ends.
+            return;
+        }
         let e = HttpError::new(503, "too many connections in progress: retry later");
         let answer = http::error_response(&e);
         // SAFETY: a non-blocking send of a valid buffer on our socket.
@@ -236,13 +354,27 @@ pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream) {
         }
         return;
     };
+    // With TLS, the session starts with the connection: its handshake is read and written by
+    // the first request's read, within --handshake-timeout like the request itself. The
+    // configuration is read here, once per handshake: a reload affects new connections only.
+    let mut tls: TlsConn = match &core.shared.tls {
+        None => None,
+        Some(t) => match rustls::ServerConnection::new(t.config()) {
+            Ok(session) => Some(Box::new(session)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a TLS session");
+                return;
+            }
+        },
+    };
     let stream = Rc::new(stream);
     let mut buf = Vec::new();
     let mut wait = core.config().handshake_timeout;
     let mut peer_gone = false;
     loop {
         let max_body = core.config().max_message_size;
-        let read = monoio::time::timeout(wait, read_request(&core, &stream, &mut buf, max_body));
+        let read = read_request(&core, &stream, &mut buf, max_body, &mut tls);
+        let read = monoio::time::timeout(wait, read);
         // Waiting for a next keep-alive request ends at shutdown; a first request is read on
         // (it may be an upgrade, which shutdown then refuses with 503).
         let read = if wait == core.config().handshake_timeout {
@@ -258,13 +390,14 @@ pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream) {
                 break;
             }
             Some(Ok(Err(e))) => {
-                let _ = write_timed(&core, &stream, &http::error_response(&e)).await;
+                let _ = write_timed(&core, &stream, &http::error_response(&e), &mut tls).await;
                 break;
             }
         };
         let is_echo = core.config().echo_path.as_deref() == Some(req.path.as_str());
         if req.path == "/ws" || is_echo {
-            upgrade(core, stream, req, std::mem::take(&mut buf), is_echo, slot).await;
+            let leftover = std::mem::take(&mut buf);
+            upgrade(core, stream, req, leftover, is_echo, slot, tls).await;
             return;
         }
         let keep_alive = req.keep_alive() && !core.shutting_down.get();
@@ -273,7 +406,10 @@ pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream) {
             // The head alone, with the Content-Length the body would have had.
             answer.truncate(http::head_len(&answer));
         }
-        if write_timed(&core, &stream, &answer).await.is_err() {
+        if write_timed(&core, &stream, &answer, &mut tls)
+            .await
+            .is_err()
+        {
             peer_gone = true;
             break;
         }
@@ -283,22 +419,22 @@ pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream) {
         wait = core.config().http_idle_timeout;
     }
     if !peer_gone {
-        linger_close(&core, &stream).await;
+        linger_close(&core, &stream, &mut tls).await;
     }
     shutdown(stream.as_raw_fd());
     drop(slot);
 }
 
 /// Refuses an upgrade with a plain HTTP answer.
-async fn refuse(core: &Core, stream: &TcpStream, e: HttpError) {
+async fn refuse(core: &Core, stream: &TcpStream, e: HttpError, mut tls: TlsConn) {
     stats::inc(&core.stats().handshake_failures);
     core.stats().count_refusal(e.status);
     tracing::debug!(status = e.status, reason = %e.message, "upgrade refused");
-    if write_timed(core, stream, &http::error_response(&e))
+    if write_timed(core, stream, &http::error_response(&e), &mut tls)
         .await
         .is_ok()
     {
-        linger_close(core, stream).await;
+        linger_close(core, stream, &mut tls).await;
     }
     shutdown(stream.as_raw_fd());
 }
@@ -310,13 +446,14 @@ async fn upgrade(
     leftover: Vec<u8>,
     echo: bool,
     slot: HttpSlot,
+    mut tls: TlsConn,
 ) {
     let accept = match http::check_upgrade(&req) {
         Ok(a) => a,
-        Err(e) => return refuse(&core, &stream, e).await,
+        Err(e) => return refuse(&core, &stream, e, tls).await,
     };
     if let Err(e) = check_origin(core.config(), &req) {
-        return refuse(&core, &stream, e).await;
+        return refuse(&core, &stream, e, tls).await;
     }
     let (user, expires): (Option<Rc<str>>, Option<Duration>) = if echo {
         (None, None)
@@ -326,21 +463,21 @@ async fn upgrade(
                 let expires = id.remaining();
                 (Some(id.user.into()), expires)
             }
-            Err(e) => return refuse(&core, &stream, e).await,
+            Err(e) => return refuse(&core, &stream, e, tls).await,
         }
     };
     drop(req);
     fault_injection(user.as_deref());
     if core.shutting_down.get() {
         let e = HttpError::new(503, "server shutting down");
-        return refuse(&core, &stream, e).await;
+        return refuse(&core, &stream, e, tls).await;
     }
     let max = core.config().max_connections;
     let total = &core.shared.total_connections;
     if total.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= max && max > 0 {
         total.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let e = HttpError::new(503, format!("connection limit reached ({max})"));
-        return refuse(&core, &stream, e).await;
+        return refuse(&core, &stream, e, tls).await;
     }
     let conn = Rc::new(ConnShared::new());
     if let Some(left) = expires {
@@ -352,7 +489,7 @@ async fn upgrade(
         Err(_) => {
             total.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             let e = HttpError::new(503, "connection table full");
-            return refuse(&core, &stream, e).await;
+            return refuse(&core, &stream, e, tls).await;
         }
     };
     stats::add_gauge(&core.stats().connections, 1);
@@ -368,13 +505,13 @@ async fn upgrade(
                 core.remove_conn(key);
                 let limit = core.config().max_connections_per_user;
                 let e = HttpError::new(429, format!("user already has {limit} connections"));
-                return refuse(&core, &stream, e).await;
+                return refuse(&core, &stream, e, tls).await;
             }
             Err(_) => {
                 tracing::warn!(%key, "registration not confirmed in time");
                 core.remove_conn(key);
                 let e = HttpError::new(503, "the gateway is overloaded: retry later");
-                return refuse(&core, &stream, e).await;
+                return refuse(&core, &stream, e, tls).await;
             }
         }
     }
@@ -384,7 +521,10 @@ async fn upgrade(
     if let Some(user) = &user {
         handshake.extend_from_slice(&protocol::welcome(user, &key.to_string()));
     }
-    if write_timed(&core, &stream, &handshake).await.is_err() {
+    if write_timed(&core, &stream, &handshake, &mut tls)
+        .await
+        .is_err()
+    {
         // Counted with the closes, so closes add up to connections that ended.
         core.stats().count_close(None);
         core.queued_sub(conn.finish());
@@ -420,7 +560,12 @@ async fn upgrade(
     drop(leftover);
     // The connection lives on in one small task; this one, with the HTTP request and the
     // upgrade's state, ends here so an idle connection does not keep them.
-    monoio::spawn(run_connection(core, stream, conn, session));
+    // Plain or TLS, each a copy of the task made for it: the plain one is what it was
+    // before TLS existed (its transport is a zero-sized type).
+    match tls {
+        None => monoio::spawn(run_connection(core, stream, conn, session, Plain)),
+        Some(t) => monoio::spawn(run_connection(core, stream, conn, session, t)),
+    };
 }
 
 /// Test builds only: a worker panics when the user named by `WSGATE_FAULT_PANIC_USER`
@@ -567,6 +712,62 @@ impl Session {
                 io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
             ),
         }
+    }
+
+    /// [`Session::read`] through TLS: records from the socket (up to 64 KiB per wake-up, in
+    /// rustls' reads of at most 4 KiB), decrypted, and the plaintext fed from the core's
+    /// scratch buffer. False at the end of the stream, the peer's close_notify or a TLS error.
+    fn read_tls(
+        &mut self,
+        core: &Core,
+        conn: &ConnShared,
+        tls: &mut rustls::ServerConnection,
+        fd: RawFd,
+    ) -> bool {
+        const MAX_PER_WAKE: usize = 64 * 1024;
+        let mut total = 0;
+        let mut open = true;
+        while total < MAX_PER_WAKE {
+            match tls.read_tls(&mut crate::tls::Fd(fd)) {
+                Ok(0) => {
+                    open = false;
+                    break;
+                }
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    open = false;
+                    break;
+                }
+            }
+            if let Err(e) = tls.process_new_packets() {
+                tracing::debug!(key = %self.key, error = %e, "TLS error");
+                // The alert rustls queued goes out with the next write, if any.
+                open = false;
+                break;
+            }
+            let mut scratch = core.scratch.borrow_mut();
+            loop {
+                match io::Read::read(&mut tls.reader(), &mut scratch) {
+                    // The peer's close_notify: the end of its stream.
+                    Ok(0) => {
+                        open = false;
+                        break;
+                    }
+                    Ok(n) => self.feed(core, conn, &mut scratch[..n]),
+                    Err(_) => break,
+                }
+            }
+            if !open {
+                break;
+            }
+        }
+        if total > 0 {
+            conn.touch();
+            stats::add(&core.stats().bytes_in, total as u64);
+        }
+        open
     }
 
     fn feed(&mut self, core: &Core, conn: &ConnShared, data: &mut [u8]) {
@@ -735,6 +936,64 @@ impl Session {
 
 // ---- the connection's task ----------------------------------------------------------------
 
+/// How an upgraded connection's bytes meet its socket. [`run_connection`] is generic over it,
+/// so the plain connection's task is compiled for [`Plain`], a zero-sized type whose methods
+/// are the plain reads and writes: no branch, no field, no allocation added for TLS.
+trait Transport: 'static {
+    /// One read (at least one `recv`), fed to the session. False at the end of the stream.
+    fn read(&mut self, session: &mut Session, core: &Core, conn: &ConnShared, fd: RawFd) -> bool;
+    /// One write of the queue's front; the plaintext bytes taken from the queue.
+    fn write(&mut self, conn: &ConnShared, fd: RawFd, head: &mut usize) -> io::Result<usize>;
+    /// Bytes held outside the queue that still have to be sent (TLS records).
+    fn pending(&self) -> bool;
+    /// The end of the connection, just before the socket is shut.
+    fn end(&mut self, fd: RawFd);
+}
+
+/// A plain TCP connection.
+struct Plain;
+
+impl Transport for Plain {
+    #[inline(always)]
+    fn read(&mut self, session: &mut Session, core: &Core, conn: &ConnShared, fd: RawFd) -> bool {
+        session.read(core, conn, fd)
+    }
+
+    #[inline(always)]
+    fn write(&mut self, conn: &ConnShared, fd: RawFd, head: &mut usize) -> io::Result<usize> {
+        conn.write_to(fd, head)
+    }
+
+    #[inline(always)]
+    fn pending(&self) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn end(&mut self, _fd: RawFd) {}
+}
+
+/// A TLS connection: its rustls session, driven over the same readiness waits.
+impl Transport for Box<rustls::ServerConnection> {
+    fn read(&mut self, session: &mut Session, core: &Core, conn: &ConnShared, fd: RawFd) -> bool {
+        session.read_tls(core, conn, self, fd)
+    }
+
+    fn write(&mut self, conn: &ConnShared, fd: RawFd, head: &mut usize) -> io::Result<usize> {
+        conn.write_tls(self, fd, head)
+    }
+
+    fn pending(&self) -> bool {
+        self.wants_write()
+    }
+
+    fn end(&mut self, fd: RawFd) {
+        // close_notify, if the socket takes it at once (the WebSocket close came first).
+        self.send_close_notify();
+        let _ = crate::tls::flush(self, fd);
+    }
+}
+
 /// What woke the connection's task.
 enum Event {
     /// The queue, a close request, a deadline or the peer's state changed.
@@ -767,11 +1026,12 @@ struct Closing {
 /// second copy of its arguments in its state (rust-lang/rust#62958), 130 bytes per idle
 /// connection here.
 #[allow(clippy::manual_async_fn)]
-fn run_connection(
+fn run_connection<T: Transport>(
     core: Rc<Core>,
     stream: Rc<TcpStream>,
     conn: Rc<ConnShared>,
     mut session: Session,
+    mut io: T,
 ) -> impl Future<Output = ()> {
     async move {
         let fd = stream.as_raw_fd();
@@ -832,8 +1092,8 @@ fn run_connection(
 
             // Write while the socket takes it.
             if writable.is_none() {
-                while !conn.queue.borrow().is_empty() {
-                    match conn.write_to(fd, &mut head) {
+                while !conn.queue.borrow().is_empty() || io.pending() {
+                    match io.write(&conn, fd, &mut head) {
                         Ok(n) => {
                             stats::add(&core.stats().bytes_out, n as u64);
                             core.queued_sub(n);
@@ -862,7 +1122,7 @@ fn run_connection(
             }
 
             if let Some(c) = closing.as_mut() {
-                if !c.sent && conn.queue.borrow().is_empty() {
+                if !c.sent && conn.queue.borrow().is_empty() && !io.pending() {
                     c.sent = true;
                     if matches!(c.req.kind, CloseKind::Reply | CloseKind::Fail) {
                         break 'run;
@@ -918,7 +1178,7 @@ fn run_connection(
                 Event::Writable(Err(_)) => break 'run,
                 Event::Readable(r) => {
                     readable.set(stream.readable(false));
-                    if r.is_err() || !session.read(&core, &conn, fd) {
+                    if r.is_err() || !io.read(&mut session, &core, &conn, fd) {
                         // The peer is gone (or sent its close frame and then the end of the
                         // stream): nothing more to write.
                         reading = false;
@@ -935,6 +1195,7 @@ fn run_connection(
         let code = closing.map(|c| c.req.code.unwrap_or(1005));
         core.stats().count_close(code);
         core.queued_sub(conn.finish());
+        io.end(fd);
         shutdown(fd);
         core.remove_conn(session.key);
     }

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub pressure: Arc<Pressure>,
     /// Which core owns a user or a room (keyed at random per process).
     pub owners: Owners,
+    /// `--tls-cert`/`--tls-key`: every connection is TLS. Read once per handshake.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Shared {

@@ -16,6 +16,7 @@
 //! | `outbox` | what others may touch of a connection: its queue, close request, waker |
 //! | [`codec`] | WebSocket frames: decoder for client frames, encoders for server frames |
 //! | [`http`] | HTTP/1.1 parsing, upgrade checks, plain answers |
+//! | [`tls`] | certificates, their reload, rustls sans-IO on the raw descriptor |
 //! | [`protocol`] | the v1 JSON messages |
 //! | [`mailbox`] | cross-core channel of batches with one wake per batch; backpressure |
 //! | [`key`] | generational connection keys: stale keys miss |
@@ -43,6 +44,7 @@ pub mod protocol;
 pub mod route;
 pub mod server;
 pub mod stats;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{Handle, Server, StartError};

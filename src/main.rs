@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -32,6 +32,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
 
+    // With TLS, SIGHUP reloads the certificate; without, it keeps its default action.
+    let tls = config.tls_cert.is_some();
     let server = match wsgate::Server::start(config) {
         Ok(s) => s,
         Err(e) => {
@@ -39,18 +41,25 @@ fn main() {
             std::process::exit(2);
         }
     };
-    // A machine-readable line for scripts and tests (the port is real even for port 0).
-    println!("listening on {}", server.local_addr());
-    let _ = std::io::stdout().flush();
-
     let handle = server.handle();
-    match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+    let signals = if tls {
+        vec![SIGINT, SIGTERM, SIGHUP]
+    } else {
+        vec![SIGINT, SIGTERM]
+    };
+    match signal_hook::iterator::Signals::new(signals) {
         Ok(mut signals) => {
             std::thread::Builder::new()
                 .name("wsgate-signals".into())
                 .spawn(move || {
                     let mut seen = 0;
                     for sig in signals.forever() {
+                        if sig == SIGHUP {
+                            // Logged and counted by the reload itself; a failure keeps the
+                            // current certificate.
+                            let _ = handle.reload_tls();
+                            continue;
+                        }
                         seen += 1;
                         if seen == 1 {
                             tracing::info!(signal = sig, "stopping: closing connections with 1001");
@@ -65,6 +74,10 @@ fn main() {
         }
         Err(e) => tracing::warn!(error = %e, "cannot install signal handlers"),
     }
+    // A machine-readable line for scripts and tests (the port is real even for port 0),
+    // printed once the signals are handled: a SIGHUP from then on reloads, never kills.
+    println!("listening on {}", server.local_addr());
+    let _ = std::io::stdout().flush();
     server.join();
     tracing::info!("stopped");
 }

@@ -328,6 +328,13 @@ impl ConnShared {
             return Err(io::Error::last_os_error());
         }
         let written = written as usize;
+        self.consume(&mut q, head, written);
+        Ok(written)
+    }
+
+    /// Pops what was written (`written` bytes from the front, `head` of which earlier).
+    #[inline]
+    fn consume(&self, q: &mut VecDeque<Bytes>, head: &mut usize, written: usize) {
         let mut left = written;
         while let Some(front) = q.front() {
             let rest = front.len() - *head;
@@ -342,7 +349,38 @@ impl ConnShared {
         }
         self.queued_bytes
             .set(self.queued_bytes.get().saturating_sub(written));
-        Ok(written)
+    }
+
+    /// [`ConnShared::write_to`] through TLS: sends the records rustls still holds; once they
+    /// are all out, encrypts the front of the queue (up to rustls' 64 KiB buffer, many frames
+    /// per record) and sends what the socket takes. Returns the plaintext bytes taken from the
+    /// queue; `WouldBlock` while earlier records wait for the socket. At most one buffer of
+    /// records lives outside the queue, so `--max-queued-bytes` still bounds a connection.
+    pub(crate) fn write_tls(
+        &self,
+        tls: &mut rustls::ServerConnection,
+        fd: RawFd,
+        head: &mut usize,
+    ) -> io::Result<usize> {
+        const MAX_IOV: usize = 64;
+        crate::tls::flush(tls, fd)?;
+        let mut q = self.queue.borrow_mut();
+        if q.is_empty() {
+            return Ok(0);
+        }
+        let mut parts: [io::IoSlice<'_>; MAX_IOV] = [io::IoSlice::new(&[]); MAX_IOV];
+        let mut n = 0;
+        for (i, frame) in q.iter().take(MAX_IOV).enumerate() {
+            parts[i] = io::IoSlice::new(if i == 0 { &frame[*head..] } else { frame });
+            n += 1;
+        }
+        let taken = io::Write::write_vectored(&mut tls.writer(), &parts[..n])?;
+        self.consume(&mut q, head, taken);
+        drop(q);
+        match crate::tls::flush(tls, fd) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ => Ok(taken),
+        }
     }
 
     /// The connection's task is done: refuse everything from now on and free the queue.

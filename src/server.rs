@@ -67,6 +67,13 @@ impl Handle {
         self.shared.trigger_shutdown();
     }
 
+    /// Reloads the TLS certificate and key from their files (SIGHUP): new handshakes use
+    /// them, open connections keep theirs; on failure the current certificate stays.
+    /// `None` when TLS is off.
+    pub fn reload_tls(&self) -> Option<Result<(), String>> {
+        self.shared.tls.as_ref().map(|t| t.reload())
+    }
+
     /// Counters of every core, and their sum.
     pub fn stats(&self) -> (Snapshot, Vec<Snapshot>) {
         self.shared.snapshot()
@@ -110,6 +117,12 @@ impl Server {
     /// Binds the listeners and starts the workers; returns once every worker accepts.
     pub fn start(config: Config) -> Result<Server, StartError> {
         config.validate().map_err(StartError::Config)?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                crate::tls::Tls::load(cert, key).map_err(StartError::Config)?,
+            )),
+            _ => None,
+        };
         let cores = config.worker_count();
         let requested = config.listen;
         // Bind once to learn the port (port 0), then bind the others to the same one.
@@ -143,6 +156,7 @@ impl Server {
             http_connections: std::sync::atomic::AtomicUsize::new(0),
             pressure,
             owners: Owners::new(cores),
+            tls,
         });
 
         let core_ids = core_affinity::get_core_ids().unwrap_or_default();
