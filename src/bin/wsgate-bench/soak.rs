@@ -1224,8 +1224,10 @@ fn parse_metrics(text: &str) -> Scrape {
                     .entry(label("code").unwrap_or("?").to_string())
                     .or_default() += v
             }
-            "wsgate_mailbox_depth" => max(&mut m.mailbox_depth),
-            "wsgate_queued_bytes" => max(&mut m.queued_bytes),
+            // The gateway's own high-water marks catch what happens between two samples;
+            // the current gauges are taken too (a gateway without the peaks still has them).
+            "wsgate_mailbox_depth" | "wsgate_mailbox_peak" => max(&mut m.mailbox_depth),
+            "wsgate_queued_bytes" | "wsgate_queued_bytes_peak" => max(&mut m.queued_bytes),
             "wsgate_limit" => match label("name") {
                 Some("mailbox_limit") => m.mailbox_limit = Some(v),
                 Some("max_total_queued_bytes") => m.queued_limit = Some(v),
@@ -1603,8 +1605,9 @@ pub(crate) fn parent(args: &Args) -> Result<bool> {
         _ => failures.push("no connection counts from /metrics in the measured period".into()),
     }
 
-    // Queues against their bounds. The gauges are sampled, so a peak between samples is missed;
-    // the slack (default 2x) leaves room for the cores' batching (a batch is taken whole) and
+    // Queues against their bounds, from the gateway's high-water marks (wsgate_mailbox_peak,
+    // wsgate_queued_bytes_peak: nothing between samples is missed) and the sampled gauges; the
+    // slack (default 2x) leaves room for the cores' batching (a batch is taken whole) and
     // for the gauges being read at different moments on each core; a queue that is not bounded
     // at all grows far past it under the flooders.
     let require = args.require_metrics;
