@@ -24,8 +24,8 @@
 # (each lives 0.5-10 s, then a close handshake or a reset, and is replaced at once), 1% sending
 # direct and room messages at 5/s with per-sender sequence numbers, 4 clients that stop
 # reading (closed by the gateway with 1013 or 4000: expected), 2 clients flooding sends and
-# publishes that cross to the other core's mailbox (while that mailbox is unbounded, its
-# backlog alone can grow the gateway's RSS by tens of MB and fail check 2), and one
+# publishes that cross to the other core's mailbox (bounded by --mailbox-limit; before that bound
+# existed, their backlog alone grew the gateway's RSS by tens of MB and failed check 2), and one
 # throwaway connection with bad input every 500 ms per load process. Connections are spread
 # over several load processes (one process holds at most 20,000 descriptors here) and source
 # addresses 127.0.0.1..N.
