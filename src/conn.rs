@@ -496,8 +496,10 @@ async fn upgrade(
     stats::inc(&core.stats().connections_total);
 
     // Routable at welcome: the welcome goes out only once the directory has the connection.
-    if user.is_some() {
-        core.register(key);
+    if let Some(user) = &user {
+        if !fault_skip_register(user) {
+            core.register(key);
+        }
         let registered = monoio::time::timeout(core.config().handshake_timeout, conn.registered());
         match registered.await {
             Ok(true) => {}
@@ -582,6 +584,19 @@ fn fault_injection(user: Option<&str>) {
 
 #[cfg(not(debug_assertions))]
 fn fault_injection(_user: Option<&str>) {}
+
+/// Test builds only: the registration of the user named by `WSGATE_FAULT_SKIP_REGISTER` is
+/// never sent, as if its owner core were stuck, so the tests can check the answer to a
+/// registration that times out.
+#[cfg(debug_assertions)]
+fn fault_skip_register(user: &str) -> bool {
+    std::env::var("WSGATE_FAULT_SKIP_REGISTER").is_ok_and(|u| u == user)
+}
+
+#[cfg(not(debug_assertions))]
+fn fault_skip_register(_user: &str) -> bool {
+    false
+}
 
 /// With `--allowed-origins`, an upgrade carrying an `Origin` must name one of them.
 fn check_origin(config: &crate::Config, req: &Request) -> Result<(), HttpError> {

@@ -630,3 +630,29 @@ fn echo_and_demo_need_insecure_on_a_public_address() {
         assert!(err.contains(flag[0]) && err.contains("--insecure"), "{err}");
     }
 }
+
+/// Defect 5: a registration that timed out shut the socket with no HTTP answer. It is
+/// answered 503 now (the owner core is made to never answer in a test build).
+#[test]
+fn a_registration_that_times_out_is_answered_503() {
+    let gw = Gateway::start_with(&["--handshake-timeout", "1s"], |cmd| {
+        cmd.env("WSGATE_FAULT_SKIP_REGISTER", "stuck");
+    });
+    let upgrade = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let (status, body) = http(gw.addr, "GET", "/ws?user=stuck", None, &upgrade);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("overloaded"), "{body}");
+    assert_eq!(
+        gw.metric("wsgate_handshake_failures_total", r#"status="503""#),
+        1.0
+    );
+    // Nothing of it is left behind, and others still connect.
+    gw.wait_connections(0, T);
+    let mut a = gw.connect("a");
+    assert_eq!(send_acked(&mut a, "a", json!(1), 1), 1);
+}
