@@ -133,7 +133,14 @@ impl Server {
         let (senders, boxes): (Vec<_>, Vec<_>) = (0..cores)
             .map(|id| mailbox(id, limit, pressure.clone()))
             .unzip();
+        let (cluster, bridge_rx) = if config.cluster.is_empty() {
+            (None, None)
+        } else {
+            let (c, rx) = crate::cluster::shared(&config);
+            (Some(Arc::new(c)), Some(rx))
+        };
         let shared = Arc::new(Shared {
+            cluster,
             config,
             cores,
             mailboxes: senders,
@@ -145,6 +152,10 @@ impl Server {
             owners: Owners::new(cores),
         });
 
+        // Cluster mode: the broker bridge, on its own thread (the cores stay free of tokio).
+        if let Some(rx) = bridge_rx {
+            crate::cluster::start(shared.clone(), rx);
+        }
         let core_ids = core_affinity::get_core_ids().unwrap_or_default();
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(cores);

@@ -202,6 +202,8 @@ impl Sim {
                     self.answers.insert(token, n);
                 }
                 Action::Shutdown => return Err("unexpected shutdown".into()),
+                // Single-node simulation: cluster mode is off.
+                Action::Cluster(out) => return Err(format!("cluster action {out:?}")),
             }
         }
         Ok(())

@@ -1,0 +1,752 @@
+//! Cluster mode over NATS: the bridge between this node's cores and the broker.
+//!
+//! One thread per node owns the broker client (`async-nats` on a current-thread tokio
+//! runtime); the cores never touch tokio. Cores hand it what must leave the node through
+//! [`ClusterShared::submit`] (an unbounded tokio channel whose *requests* are bounded by a
+//! depth counter: past [`QUEUE_LIMIT`] a request is dropped, counted, and its count answered
+//! 0 at once, so a core never blocks). The bridge hands what arrives to the right core's
+//! mailbox (the user's or room's owner core, so one sender's messages stay in order), with
+//! the mailboxes' usual backpressure.
+//!
+//! # Subjects
+//!
+//! Every subject starts with the prefix (`--cluster-prefix`, default `wsgate`), so a cluster
+//! needs broker permissions on `PREFIX.>` only:
+//!
+//! | subject | who subscribes | what travels |
+//! | --- | --- | --- |
+//! | `PREFIX.u.<hex(user)>` | nodes holding a connection of the user | send, presence, disconnect |
+//! | `PREFIX.r.<hex(room)>` | nodes holding a member of the room | publish |
+//! | `PREFIX.b` | every node | broadcast |
+//! | `PREFIX.q` | every node | count probes (below) |
+//! | `PREFIX.hb` | every node | heartbeats, once a second |
+//! | `PREFIX.n.<hex(node)>` | that node | answers to its counted requests |
+//! | `PREFIX._INBOX.>` | (the client's inbox prefix; unused so far) | |
+//!
+//! Names are hex-encoded bytes: any id is a single subject token of `0-9a-f` (`.`, `*`, `>`,
+//! `:` and `@` included), and two different ids never share a subject.
+//!
+//! # Messages
+//!
+//! One binary header, then the body: the WebSocket frame exactly as the origin encoded it
+//! (encoded once, delivered as is). Header: kind (1 byte), token (u64 LE, 0 when nobody
+//! counts), origin node (u8 length + bytes), name (u16 LE length + bytes). The client is
+//! connected with `no_echo`: a node never receives what it published.
+//!
+//! # Counts
+//!
+//! A counted request (an ack'd `send`/`publish`, every API call) waits on its core for two
+//! counts: the node's own, and the other nodes' total, which the bridge gathers. The bridge
+//! expects an answer from every *live* node (one heard from on `PREFIX.hb` within
+//! [`LIVE_FOR`]): nodes holding the target answer through the request itself (after their
+//! cores counted), and the others answer a *probe* published on `PREFIX.q` right after the
+//! request: a node that is not subscribed to the target answers it with 0 at once, one that
+//! is subscribed leaves it to the request. The gather ends when every expected node has
+//! answered, when a node stops being live, or at `--cluster-timeout` (then the missing
+//! nodes are left out and counted in `wsgate_cluster_missing_answers_total`). So an ack costs
+//! one broker round trip, not a fixed quiet window. With the broker down, requests are not
+//! published and their remote count is 0 at once.
+//!
+//! # Subscriptions and "routable at welcome"
+//!
+//! A user's owner core asks for the user's subscription when the node's first connection of
+//! the user registers, and drops it when the last one leaves (rooms: when the node's first
+//! member joins / last member leaves). The bridge subscribes, flushes (a PING/PONG round
+//! trip: the server has the interest once it answers) and confirms to the core, which only
+//! then welcomes the connection (or acks the join).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::core::Shared;
+use crate::key::ConnKey;
+use crate::mailbox;
+use crate::route::{ClusterOut, Kind, Msg, RemoteReq};
+
+/// Requests queued from the cores to the bridge beyond which new ones are dropped (counted).
+pub const QUEUE_LIMIT: usize = 65536;
+/// Heartbeat period.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node is live while it was heard from within this.
+pub const LIVE_FOR: Duration = Duration::from_secs(3);
+
+const SEND: u8 = 1;
+const PUBLISH: u8 = 2;
+const BROADCAST: u8 = 3;
+const PRESENCE: u8 = 4;
+const DISCONNECT: u8 = 5;
+const PROBE: u8 = 6;
+const ANSWER: u8 = 7;
+const HEARTBEAT_KIND: u8 = 8;
+
+/// What the cores and the HTTP side share with the bridge.
+pub(crate) struct ClusterShared {
+    /// This node's id.
+    pub node: String,
+    /// The subject prefix.
+    pub prefix: String,
+    tx: mpsc::UnboundedSender<(usize, ClusterOut)>,
+    depth: AtomicUsize,
+    /// Connected to the broker now.
+    pub connected: AtomicBool,
+    /// Live nodes, this one included, sorted.
+    pub nodes: Mutex<Vec<String>>,
+    /// Messages published to the broker.
+    pub to_broker: AtomicU64,
+    /// Messages received from the broker.
+    pub from_broker: AtomicU64,
+    /// Reconnections to the broker after a loss.
+    pub reconnects: AtomicU64,
+    /// Answers that came after their count was settled.
+    pub late_answers: AtomicU64,
+    /// Nodes left out of a count (no answer in time).
+    pub missing_answers: AtomicU64,
+    /// Requests dropped because the bridge's queue was full.
+    pub dropped: AtomicU64,
+}
+
+impl ClusterShared {
+    /// From a core: hands `out` to the bridge. A request is given back when the queue is
+    /// full (its count must then be settled by the caller).
+    pub fn submit(&self, core: usize, out: ClusterOut) -> Result<(), ClusterOut> {
+        let request = matches!(out, ClusterOut::Request { .. });
+        if request {
+            if self.depth.load(Relaxed) >= QUEUE_LIMIT {
+                self.dropped.fetch_add(1, Relaxed);
+                return Err(out);
+            }
+            self.depth.fetch_add(1, Relaxed);
+        }
+        self.tx.send((core, out)).map_err(|e| {
+            if request {
+                self.depth.fetch_sub(1, Relaxed);
+            }
+            e.0 .1
+        })
+    }
+
+    /// `/api/stats`'s `cluster` object.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "node": self.node,
+            "broker": "nats",
+            "connected": self.connected.load(Relaxed),
+            "nodes": *self.nodes.lock().unwrap(),
+        })
+    }
+}
+
+/// Creates the shared state and the bridge's receiving end.
+pub(crate) fn shared(
+    config: &crate::Config,
+) -> (ClusterShared, mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let node = config.node_name();
+    let shared = ClusterShared {
+        nodes: Mutex::new(vec![node.clone()]),
+        node,
+        prefix: config.cluster_prefix.clone(),
+        tx,
+        depth: AtomicUsize::new(0),
+        connected: AtomicBool::new(false),
+        to_broker: AtomicU64::new(0),
+        from_broker: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        late_answers: AtomicU64::new(0),
+        missing_answers: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+    };
+    (shared, rx)
+}
+
+/// A name as one subject token: its bytes in lowercase hex.
+pub fn encode_name(name: &str) -> String {
+    let mut s = String::with_capacity(name.len() * 2);
+    for b in name.bytes() {
+        s.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        s.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// The subject of a user or a room.
+pub fn subject(prefix: &str, kind: Kind, name: &str) -> String {
+    let k = match kind {
+        Kind::User => 'u',
+        Kind::Room => 'r',
+    };
+    format!("{prefix}.{k}.{}", encode_name(name))
+}
+
+/// A decoded broker message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Wire<'a> {
+    /// What it is.
+    pub kind: u8,
+    /// The origin's token (0: not counted).
+    pub token: u64,
+    /// The node that sent it.
+    pub origin: &'a str,
+    /// The user or room (empty when none).
+    pub name: &'a str,
+    /// Offset of the body in the payload.
+    pub body: usize,
+}
+
+/// Encodes a header and body.
+pub fn encode(kind: u8, token: u64, origin: &str, name: &str, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(1 + 8 + 1 + origin.len() + 2 + name.len() + body.len());
+    b.put_u8(kind);
+    b.put_u64_le(token);
+    b.put_u8(origin.len().min(255) as u8);
+    b.put_slice(&origin.as_bytes()[..origin.len().min(255)]);
+    b.put_u16_le(name.len().min(65535) as u16);
+    b.put_slice(&name.as_bytes()[..name.len().min(65535)]);
+    b.put_slice(body);
+    b.freeze()
+}
+
+/// Decodes a header; `None` for anything malformed (ignored, never trusted).
+pub fn decode(p: &[u8]) -> Option<Wire<'_>> {
+    let kind = *p.first()?;
+    let token = u64::from_le_bytes(p.get(1..9)?.try_into().ok()?);
+    let olen = usize::from(*p.get(9)?);
+    let origin = std::str::from_utf8(p.get(10..10 + olen)?).ok()?;
+    let at = 10 + olen;
+    let nlen = usize::from(u16::from_le_bytes(p.get(at..at + 2)?.try_into().ok()?));
+    let name = std::str::from_utf8(p.get(at + 2..at + 2 + nlen)?).ok()?;
+    Some(Wire {
+        kind,
+        token,
+        origin,
+        name,
+        body: at + 2 + nlen,
+    })
+}
+
+/// Starts the bridge thread. It lives as long as the process; a panic in it aborts the
+/// process, like a worker's (a node cut off from its cluster must not look healthy).
+pub(crate) fn start(shared: Arc<Shared>, rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
+    std::thread::Builder::new()
+        .name("wsgate-cluster".into())
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime for the cluster bridge");
+                rt.block_on(run(shared, rx));
+            }));
+            if outcome.is_err() {
+                eprintln!("wsgate: the cluster bridge panicked; aborting");
+                std::process::abort();
+            }
+        })
+        .expect("spawn the cluster bridge");
+}
+
+struct Gather {
+    waiting: HashSet<String>,
+    sum: u64,
+    deadline: Instant,
+    waiter: ConnKey,
+}
+
+struct Bridge {
+    shared: Arc<Shared>,
+    client: async_nats::Client,
+    me: String,
+    prefix: String,
+    subs: HashMap<(Kind, Box<str>), tokio::task::JoinHandle<()>>,
+    confirms: Vec<(usize, Kind, Box<str>, u64)>,
+    pending: HashMap<u64, Gather>,
+    next_token: u64,
+    /// Counted requests from other nodes being carried out here: local token -> origin's.
+    remote: HashMap<u64, (String, u64)>,
+    next_local: u64,
+    last_seen: HashMap<String, Instant>,
+    connected: bool,
+    ever_connected: bool,
+    in_tx: mpsc::Sender<async_nats::Message>,
+    /// Messages for each core, sent as one batch per drain.
+    batches: Vec<Vec<Msg>>,
+}
+
+fn cs(shared: &Shared) -> &ClusterShared {
+    shared.cluster.as_deref().expect("cluster mode")
+}
+
+async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
+    let c = cs(&shared);
+    let me = c.node.clone();
+    let prefix = c.prefix.clone();
+    let addrs: Vec<async_nats::ServerAddr> = shared
+        .config
+        .cluster
+        .iter()
+        .filter_map(|u| match u.trim().parse() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::error!(url = %u, error = %e, "bad --cluster URL");
+                None
+            }
+        })
+        .collect();
+    let client = loop {
+        let opts = async_nats::ConnectOptions::new()
+            .name(format!("wsgate {me}"))
+            .no_echo()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            // At most a second between attempts: delivery resumes within seconds of the
+            // broker's return.
+            .reconnect_delay_callback(|n| Duration::from_millis((n as u64 * 100).min(1000)))
+            .connection_timeout(Duration::from_secs(2))
+            .custom_inbox_prefix(format!("{prefix}._INBOX"))
+            .subscription_capacity(1 << 16)
+            .client_capacity(1 << 12);
+        match opts.connect(addrs.clone()).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the broker client; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let (in_tx, mut in_rx) = mpsc::channel(1 << 16);
+    let mut b = Bridge {
+        batches: (0..shared.cores).map(|_| Vec::new()).collect(),
+        shared: shared.clone(),
+        client,
+        me: me.clone(),
+        prefix: prefix.clone(),
+        subs: HashMap::new(),
+        confirms: Vec::new(),
+        pending: HashMap::new(),
+        next_token: 1,
+        remote: HashMap::new(),
+        next_local: 1,
+        last_seen: HashMap::new(),
+        connected: false,
+        ever_connected: false,
+        in_tx,
+    };
+    for s in [
+        format!("{prefix}.b"),
+        format!("{prefix}.q"),
+        format!("{prefix}.hb"),
+        format!("{prefix}.n.{}", encode_name(&me)),
+    ] {
+        b.subscribe(s).await;
+    }
+    tracing::info!(node = %me, %prefix, "cluster bridge started");
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut hb = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some((core, out)) = cmd else { return };
+                b.command(core, out).await;
+                for _ in 0..1024 {
+                    match rx.try_recv() {
+                        Ok((core, out)) => b.command(core, out).await,
+                        Err(_) => break,
+                    }
+                }
+                b.confirm().await;
+                b.flush_batches();
+            }
+            msg = in_rx.recv() => {
+                let Some(msg) = msg else { return };
+                b.incoming(msg).await;
+                for _ in 0..1024 {
+                    match in_rx.try_recv() {
+                        Ok(msg) => b.incoming(msg).await,
+                        Err(_) => break,
+                    }
+                }
+                b.flush_batches();
+            }
+            _ = tick.tick() => {
+                b.tick();
+                b.flush_batches();
+            }
+            _ = hb.tick() => b.heartbeat().await,
+        }
+    }
+}
+
+impl Bridge {
+    fn cs(&self) -> &ClusterShared {
+        cs(&self.shared)
+    }
+
+    /// Subscribes and forwards every message to the bridge's loop.
+    async fn subscribe(&mut self, subject: String) -> Option<tokio::task::JoinHandle<()>> {
+        match self.client.subscribe(subject.clone()).await {
+            Ok(mut sub) => {
+                let tx = self.in_tx.clone();
+                Some(tokio::spawn(async move {
+                    while let Some(m) = sub.next().await {
+                        if tx.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "subscribe failed");
+                None
+            }
+        }
+    }
+
+    async fn publish(&self, subject: String, payload: Bytes) -> bool {
+        if !self.connected {
+            return false;
+        }
+        match self.client.publish(subject, payload).await {
+            Ok(()) => {
+                self.cs().to_broker.fetch_add(1, Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "publish failed");
+                false
+            }
+        }
+    }
+
+    fn hand_to_core(&mut self, core: usize, msg: Msg) {
+        self.batches[core].push(msg);
+    }
+
+    fn flush_batches(&mut self) {
+        let limit = self.shared.config.mailbox_limit;
+        for (core, batch) in self.batches.iter_mut().enumerate() {
+            if !batch.is_empty() {
+                mailbox::send_bounded(
+                    core,
+                    &self.shared.mailboxes[core],
+                    std::mem::take(batch),
+                    limit,
+                    &self.shared.pressure,
+                );
+            }
+        }
+    }
+
+    async fn command(&mut self, core: usize, out: ClusterOut) {
+        match out {
+            ClusterOut::Interest {
+                kind,
+                name,
+                on: true,
+                seq,
+            } => {
+                let key = (kind, name.clone());
+                if !self.subs.contains_key(&key) {
+                    let subject = subject(&self.prefix, kind, &name);
+                    if let Some(h) = self.subscribe(subject).await {
+                        self.subs.insert(key, h);
+                    }
+                }
+                self.confirms.push((core, kind, name, seq));
+            }
+            ClusterOut::Interest { kind, name, .. } => {
+                if let Some(h) = self.subs.remove(&(kind, name)) {
+                    // Dropping the subscriber unsubscribes.
+                    h.abort();
+                }
+            }
+            ClusterOut::Request { req, waiter } => {
+                self.cs().depth.fetch_sub(1, Relaxed);
+                self.request(req, waiter).await;
+            }
+            ClusterOut::Answer { token, n } => {
+                if let Some((origin, t)) = self.remote.remove(&token) {
+                    let p = encode(ANSWER, t, &self.me, "", &n.to_le_bytes());
+                    let s = format!("{}.n.{}", self.prefix, encode_name(&origin));
+                    self.publish(s, p).await;
+                }
+            }
+        }
+    }
+
+    async fn request(&mut self, req: RemoteReq, waiter: Option<ConnKey>) {
+        let token = if waiter.is_some() {
+            self.next_token += 1;
+            self.next_token
+        } else {
+            0
+        };
+        let (kind, target, subject, body): (u8, Option<(Kind, &str)>, String, &[u8]) = match &req {
+            RemoteReq::Send { user, frame } => (
+                SEND,
+                Some((Kind::User, user)),
+                subject(&self.prefix, Kind::User, user),
+                frame,
+            ),
+            RemoteReq::Publish { room, frame } => (
+                PUBLISH,
+                Some((Kind::Room, room)),
+                subject(&self.prefix, Kind::Room, room),
+                frame,
+            ),
+            RemoteReq::Broadcast { frame } => {
+                (BROADCAST, None, format!("{}.b", self.prefix), frame)
+            }
+            RemoteReq::Presence { user } => (
+                PRESENCE,
+                Some((Kind::User, user)),
+                subject(&self.prefix, Kind::User, user),
+                &[],
+            ),
+            RemoteReq::Disconnect { user } => (
+                DISCONNECT,
+                Some((Kind::User, user)),
+                subject(&self.prefix, Kind::User, user),
+                &[],
+            ),
+        };
+        let name = target.map_or("", |t| t.1);
+        let payload = encode(kind, token, &self.me, name, body);
+        let sent = self.publish(subject, payload).await;
+        let Some(waiter) = waiter else { return };
+        let waiting: HashSet<String> = self.live_others().collect();
+        if !sent || waiting.is_empty() {
+            self.hand_to_core(waiter.core(), Msg::Count { waiter, n: 0 });
+            return;
+        }
+        if let Some((k, name)) = target {
+            let probe = encode(PROBE, token, &self.me, name, &[k as u8]);
+            self.publish(format!("{}.q", self.prefix), probe).await;
+        }
+        let deadline = Instant::now() + self.shared.config.cluster_timeout;
+        self.pending.insert(
+            token,
+            Gather {
+                waiting,
+                sum: 0,
+                deadline,
+                waiter,
+            },
+        );
+    }
+
+    fn live_others(&self) -> impl Iterator<Item = String> + '_ {
+        let now = Instant::now();
+        self.last_seen
+            .iter()
+            .filter(move |(_, t)| now.duration_since(**t) < LIVE_FOR)
+            .map(|(n, _)| n.clone())
+    }
+
+    /// After subscribing: one round trip to the server, then the cores go on.
+    async fn confirm(&mut self) {
+        if self.confirms.is_empty() {
+            return;
+        }
+        if self.connected {
+            let flushed = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+            if !matches!(flushed, Ok(Ok(()))) {
+                tracing::warn!("broker flush failed; welcoming anyway (serving locally)");
+            }
+        }
+        for (core, kind, name, seq) in std::mem::take(&mut self.confirms) {
+            self.hand_to_core(core, Msg::Subscribed { kind, name, seq });
+        }
+    }
+
+    async fn incoming(&mut self, msg: async_nats::Message) {
+        self.cs().from_broker.fetch_add(1, Relaxed);
+        let payload = msg.payload;
+        let Some(w) = decode(&payload) else { return };
+        if w.origin == self.me {
+            return;
+        }
+        let body = payload.slice(w.body..);
+        let req = match w.kind {
+            HEARTBEAT_KIND => {
+                self.last_seen.insert(w.origin.to_string(), Instant::now());
+                return;
+            }
+            ANSWER => {
+                let n = body
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_le_bytes);
+                self.answer(w.token, w.origin, n);
+                return;
+            }
+            PROBE => {
+                let kind = if body.first() == Some(&(Kind::Room as u8)) {
+                    Kind::Room
+                } else {
+                    Kind::User
+                };
+                // Subscribed: this node answers through the request itself.
+                if !self.subs.contains_key(&(kind, Box::from(w.name))) {
+                    let p = encode(ANSWER, w.token, &self.me, "", &0u64.to_le_bytes());
+                    let s = format!("{}.n.{}", self.prefix, encode_name(w.origin));
+                    self.publish(s, p).await;
+                }
+                return;
+            }
+            SEND => RemoteReq::Send {
+                user: w.name.into(),
+                frame: body,
+            },
+            PUBLISH => RemoteReq::Publish {
+                room: w.name.into(),
+                frame: body,
+            },
+            BROADCAST => RemoteReq::Broadcast { frame: body },
+            PRESENCE => RemoteReq::Presence {
+                user: w.name.into(),
+            },
+            DISCONNECT => RemoteReq::Disconnect {
+                user: w.name.into(),
+            },
+            _ => return,
+        };
+        let token = (w.token != 0).then(|| {
+            self.next_local += 1;
+            self.remote
+                .insert(self.next_local, (w.origin.to_string(), w.token));
+            self.next_local
+        });
+        // The owner core of the user or room: one path per target keeps the order.
+        let core = match &req {
+            RemoteReq::Broadcast { .. } => 0,
+            _ => self.shared.owners.of(w.name),
+        };
+        self.hand_to_core(core, Msg::Remote { req, token });
+    }
+
+    fn answer(&mut self, token: u64, node: &str, n: u64) {
+        let Some(g) = self.pending.get_mut(&token) else {
+            self.cs().late_answers.fetch_add(1, Relaxed);
+            return;
+        };
+        if !g.waiting.remove(node) {
+            self.cs().late_answers.fetch_add(1, Relaxed);
+            return;
+        }
+        g.sum += n;
+        if g.waiting.is_empty() {
+            let g = self.pending.remove(&token).expect("present");
+            self.hand_to_core(
+                g.waiter.core(),
+                Msg::Count {
+                    waiter: g.waiter,
+                    n: g.sum,
+                },
+            );
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        let p = encode(HEARTBEAT_KIND, 0, &self.me, "", &[]);
+        self.publish(format!("{}.hb", self.prefix), p).await;
+    }
+
+    /// Connection state, live nodes, and counts that are due.
+    fn tick(&mut self) {
+        let connected = matches!(
+            self.client.connection_state(),
+            async_nats::connection::State::Connected
+        );
+        if connected != self.connected {
+            if connected {
+                if self.ever_connected {
+                    self.cs().reconnects.fetch_add(1, Relaxed);
+                }
+                self.ever_connected = true;
+                tracing::info!("connected to the broker");
+            } else {
+                tracing::warn!("broker disconnected: serving local connections only");
+            }
+            self.connected = connected;
+            self.cs().connected.store(connected, Relaxed);
+        }
+        let now = Instant::now();
+        self.last_seen
+            .retain(|_, t| now.duration_since(*t) < LIVE_FOR);
+        let mut nodes: Vec<String> = self.last_seen.keys().cloned().collect();
+        nodes.push(self.me.clone());
+        nodes.sort();
+        let live: HashSet<&String> = self.last_seen.keys().collect();
+        let mut done = Vec::new();
+        for (token, g) in self.pending.iter_mut() {
+            // Nodes that stopped being live, or everyone when the broker is gone.
+            g.waiting.retain(|n| connected && live.contains(n));
+            if g.waiting.is_empty() {
+                done.push(*token);
+            } else if now >= g.deadline {
+                self.shared
+                    .cluster
+                    .as_ref()
+                    .expect("cluster")
+                    .missing_answers
+                    .fetch_add(g.waiting.len() as u64, Relaxed);
+                done.push(*token);
+            }
+        }
+        for token in done {
+            let g = self.pending.remove(&token).expect("present");
+            self.hand_to_core(
+                g.waiter.core(),
+                Msg::Count {
+                    waiter: g.waiter,
+                    n: g.sum,
+                },
+            );
+        }
+        *self.cs().nodes.lock().unwrap() = nodes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_single_tokens_and_injective() {
+        let ids = ["a.b", "a", "b", "x:y@z", "a-b_c", "A", "ab", ".", "*", ">"];
+        let subjects: HashSet<String> = ids
+            .iter()
+            .map(|i| subject("wsgate", Kind::User, i))
+            .collect();
+        assert_eq!(subjects.len(), ids.len());
+        for s in &subjects {
+            let token = s.strip_prefix("wsgate.u.").unwrap();
+            assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{s}");
+        }
+        assert_eq!(encode_name("a.b"), "612e62");
+        assert_ne!(subject("p", Kind::User, "x"), subject("p", Kind::Room, "x"));
+    }
+
+    #[test]
+    fn wire_round_trip_and_garbage() {
+        let p = encode(SEND, 42, "node-1", "a.b", b"frame");
+        let w = decode(&p).unwrap();
+        assert_eq!(
+            (w.kind, w.token, w.origin, w.name),
+            (SEND, 42, "node-1", "a.b")
+        );
+        assert_eq!(&p[w.body..], b"frame");
+        for cut in 0..p.len() - 5 {
+            // Truncated headers are refused, never a panic.
+            let _ = decode(&p[..cut]);
+        }
+        assert!(decode(&[]).is_none());
+        assert!(decode(&[1, 0, 0]).is_none());
+    }
+}
