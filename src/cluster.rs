@@ -41,7 +41,8 @@
 //! [`LIVE_FOR`]): nodes holding the target answer through the request itself (after their
 //! cores counted), and the others answer a *probe* published on `PREFIX.q` right after the
 //! request: a node that is not subscribed to the target answers it with 0 at once, one that
-//! is subscribed leaves it to the request. The gather ends when every expected node has
+//! is subscribed (and had the subscription confirmed) leaves it to the request, which reached
+//! it first: the broker delivers one publisher's messages in order. The gather ends when every expected node has
 //! answered, when a node stops being live, or at `--cluster-timeout` (then the missing
 //! nodes are left out and counted in `wsgate_cluster_missing_answers_total`). So an ack costs
 //! one broker round trip, not a fixed quiet window. With the broker down, requests are not
@@ -263,7 +264,9 @@ struct Bridge {
     client: async_nats::Client,
     me: String,
     prefix: String,
-    subs: HashMap<(Kind, Box<str>), tokio::task::JoinHandle<()>>,
+    /// This node's user and room subscriptions: the forwarding task, and whether the
+    /// broker confirmed it (a flush returned after it).
+    subs: HashMap<(Kind, Box<str>), (tokio::task::JoinHandle<()>, bool)>,
     confirms: Vec<(usize, Kind, Box<str>, u64)>,
     pending: HashMap<u64, Gather>,
     next_token: u64,
@@ -374,7 +377,10 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(usize, Cluste
                 b.flush_batches();
             }
             _ = tick.tick() => {
-                b.tick();
+                if b.tick() {
+                    // Just (re)connected: tell the others at once.
+                    b.heartbeat().await;
+                }
                 b.flush_batches();
             }
             _ = hb.tick() => b.heartbeat().await,
@@ -454,13 +460,13 @@ impl Bridge {
                 if !self.subs.contains_key(&key) {
                     let subject = subject(&self.prefix, kind, &name);
                     if let Some(h) = self.subscribe(subject).await {
-                        self.subs.insert(key, h);
+                        self.subs.insert(key, (h, false));
                     }
                 }
                 self.confirms.push((core, kind, name, seq));
             }
             ClusterOut::Interest { kind, name, .. } => {
-                if let Some(h) = self.subs.remove(&(kind, name)) {
+                if let Some((h, _)) = self.subs.remove(&(kind, name)) {
                     // Dropping the subscriber unsubscribes.
                     h.abort();
                 }
@@ -560,6 +566,9 @@ impl Bridge {
             }
         }
         for (core, kind, name, seq) in std::mem::take(&mut self.confirms) {
+            if let Some(sub) = self.subs.get_mut(&(kind, name.clone())) {
+                sub.1 = true;
+            }
             self.hand_to_core(core, Msg::Subscribed { kind, name, seq });
         }
     }
@@ -591,8 +600,15 @@ impl Bridge {
                 } else {
                     Kind::User
                 };
-                // Subscribed: this node answers through the request itself.
-                if !self.subs.contains_key(&(kind, Box::from(w.name))) {
+                // Subscribed (and confirmed, so the request, published before this probe, was
+                // delivered here): this node answers through the request itself. Otherwise 0
+                // now: a subscription still in flight concerns a connection not welcomed
+                // yet, which no count promises to include (its answer, if any, comes late).
+                let holder = self
+                    .subs
+                    .get(&(kind, Box::from(w.name)))
+                    .is_some_and(|s| s.1);
+                if !holder {
                     let p = encode(ANSWER, w.token, &self.me, "", &0u64.to_le_bytes());
                     let s = format!("{}.n.{}", self.prefix, encode_name(w.origin));
                     self.publish(s, p).await;
@@ -657,18 +673,24 @@ impl Bridge {
         self.publish(format!("{}.hb", self.prefix), p).await;
     }
 
-    /// Connection state, live nodes, and counts that are due.
-    fn tick(&mut self) {
+    /// Connection state, live nodes, and counts that are due. True when the client has just
+    /// (re)connected.
+    fn tick(&mut self) -> bool {
         let connected = matches!(
             self.client.connection_state(),
             async_nats::connection::State::Connected
         );
+        let was = self.connected;
         if connected != self.connected {
             if connected {
                 if self.ever_connected {
                     self.cs().reconnects.fetch_add(1, Relaxed);
                 }
                 self.ever_connected = true;
+                // Forget who was live: a node heard from from now on has its subscriptions
+                // back in place (the client resends them on reconnecting, before anything it
+                // publishes), so counts wait only for nodes that can be reached.
+                self.last_seen.clear();
                 tracing::info!("connected to the broker");
             } else {
                 tracing::warn!("broker disconnected: serving local connections only");
@@ -710,6 +732,7 @@ impl Bridge {
             );
         }
         *self.cs().nodes.lock().unwrap() = nodes;
+        connected && !was
     }
 }
 
