@@ -65,10 +65,27 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::core::Shared;
 use crate::key::ConnKey;
-use crate::mailbox;
-use crate::route::{ClusterOut, Kind, Msg, RemoteReq};
+use crate::mailbox::{self, MailboxSender, Pressure};
+use crate::route::{ClusterOut, Kind, Msg, Owners, RemoteReq};
+
+/// What the bridge needs of the node: the cores' mailboxes and who owns what.
+pub(crate) struct Node {
+    /// Each core's mailbox.
+    pub mailboxes: Vec<MailboxSender<Msg>>,
+    /// The owner core of a user or room.
+    pub owners: Owners,
+    /// The gateway-wide backpressure signal.
+    pub pressure: Arc<Pressure>,
+    /// `--mailbox-limit`.
+    pub mailbox_limit: usize,
+    /// `--cluster-timeout`.
+    pub timeout: Duration,
+    /// `--cluster`.
+    pub urls: Vec<String>,
+    /// What the cores and the HTTP side share with the bridge.
+    pub cluster: Arc<ClusterShared>,
+}
 
 /// Requests queued from the cores to the bridge beyond which new ones are dropped (counted).
 pub const QUEUE_LIMIT: usize = 65536;
@@ -233,7 +250,7 @@ pub fn decode(p: &[u8]) -> Option<Wire<'_>> {
 
 /// Starts the bridge thread. It lives as long as the process; a panic in it aborts the
 /// process, like a worker's (a node cut off from its cluster must not look healthy).
-pub(crate) fn start(shared: Arc<Shared>, rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
+pub(crate) fn start(shared: Node, rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
     std::thread::Builder::new()
         .name("wsgate-cluster".into())
         .spawn(move || {
@@ -260,7 +277,7 @@ struct Gather {
 }
 
 struct Bridge {
-    shared: Arc<Shared>,
+    shared: Node,
     client: async_nats::Client,
     me: String,
     prefix: String,
@@ -281,17 +298,11 @@ struct Bridge {
     batches: Vec<Vec<Msg>>,
 }
 
-fn cs(shared: &Shared) -> &ClusterShared {
-    shared.cluster.as_deref().expect("cluster mode")
-}
-
-async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
-    let c = cs(&shared);
-    let me = c.node.clone();
-    let prefix = c.prefix.clone();
+async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
+    let me = shared.cluster.node.clone();
+    let prefix = shared.cluster.prefix.clone();
     let addrs: Vec<async_nats::ServerAddr> = shared
-        .config
-        .cluster
+        .urls
         .iter()
         .filter_map(|u| match u.trim().parse() {
             Ok(a) => Some(a),
@@ -324,8 +335,8 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(usize, Cluste
     };
     let (in_tx, mut in_rx) = mpsc::channel(1 << 16);
     let mut b = Bridge {
-        batches: (0..shared.cores).map(|_| Vec::new()).collect(),
-        shared: shared.clone(),
+        batches: (0..shared.mailboxes.len()).map(|_| Vec::new()).collect(),
+        shared,
         client,
         me: me.clone(),
         prefix: prefix.clone(),
@@ -390,7 +401,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(usize, Cluste
 
 impl Bridge {
     fn cs(&self) -> &ClusterShared {
-        cs(&self.shared)
+        &self.shared.cluster
     }
 
     /// Subscribes and forwards every message to the bridge's loop.
@@ -434,7 +445,7 @@ impl Bridge {
     }
 
     fn flush_batches(&mut self) {
-        let limit = self.shared.config.mailbox_limit;
+        let limit = self.shared.mailbox_limit;
         for (core, batch) in self.batches.iter_mut().enumerate() {
             if !batch.is_empty() {
                 mailbox::send_bounded(
@@ -534,7 +545,7 @@ impl Bridge {
             let probe = encode(PROBE, token, &self.me, name, &[k as u8]);
             self.publish(format!("{}.q", self.prefix), probe).await;
         }
-        let deadline = Instant::now() + self.shared.config.cluster_timeout;
+        let deadline = Instant::now() + self.shared.timeout;
         self.pending.insert(
             token,
             Gather {
@@ -714,8 +725,6 @@ impl Bridge {
             } else if now >= g.deadline {
                 self.shared
                     .cluster
-                    .as_ref()
-                    .expect("cluster")
                     .missing_answers
                     .fetch_add(g.waiting.len() as u64, Relaxed);
                 done.push(*token);

@@ -153,8 +153,17 @@ impl Server {
         });
 
         // Cluster mode: the broker bridge, on its own thread (the cores stay free of tokio).
-        if let Some(rx) = bridge_rx {
-            crate::cluster::start(shared.clone(), rx);
+        if let (Some(rx), Some(cluster)) = (bridge_rx, &shared.cluster) {
+            let node = crate::cluster::Node {
+                mailboxes: shared.mailboxes.clone(),
+                owners: shared.owners,
+                pressure: shared.pressure.clone(),
+                mailbox_limit: shared.config.mailbox_limit,
+                timeout: shared.config.cluster_timeout,
+                urls: shared.config.cluster.clone(),
+                cluster: cluster.clone(),
+            };
+            crate::cluster::start(node, rx);
         }
         let core_ids = core_affinity::get_core_ids().unwrap_or_default();
         let (ready_tx, ready_rx) = mpsc::channel();
