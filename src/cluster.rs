@@ -102,6 +102,7 @@ const DISCONNECT: u8 = 5;
 const PROBE: u8 = 6;
 const ANSWER: u8 = 7;
 const HEARTBEAT_KIND: u8 = 8;
+const BYE: u8 = 9;
 
 /// What the cores and the HTTP side share with the bridge.
 pub(crate) struct ClusterShared {
@@ -127,6 +128,8 @@ pub(crate) struct ClusterShared {
     pub missing_answers: AtomicU64,
     /// Requests dropped because the bridge's queue was full.
     pub dropped: AtomicU64,
+    /// The node is shutting down: it says goodbye, and stops its heartbeats.
+    pub leaving: AtomicBool,
 }
 
 impl ClusterShared {
@@ -179,6 +182,7 @@ pub(crate) fn shared(
         late_answers: AtomicU64::new(0),
         missing_answers: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
+        leaving: AtomicBool::new(false),
     };
     (shared, rx)
 }
@@ -293,6 +297,7 @@ struct Bridge {
     last_seen: HashMap<String, Instant>,
     connected: bool,
     ever_connected: bool,
+    said_bye: bool,
     in_tx: mpsc::Sender<async_nats::Message>,
     /// Messages for each core, sent as one batch per drain.
     batches: Vec<Vec<Msg>>,
@@ -349,6 +354,7 @@ async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>)
         last_seen: HashMap::new(),
         connected: false,
         ever_connected: false,
+        said_bye: false,
         in_tx,
     };
     for s in [
@@ -388,7 +394,7 @@ async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>)
                 b.flush_batches();
             }
             _ = tick.tick() => {
-                if b.tick() {
+                if b.tick() || (b.cs().leaving.load(Relaxed) && !b.said_bye) {
                     // Just (re)connected: tell the others at once.
                     b.heartbeat().await;
                 }
@@ -597,6 +603,10 @@ impl Bridge {
                 self.last_seen.insert(w.origin.to_string(), Instant::now());
                 return;
             }
+            BYE => {
+                self.forget_node(w.origin);
+                return;
+            }
             ANSWER => {
                 let n = body
                     .get(..8)
@@ -680,8 +690,36 @@ impl Bridge {
     }
 
     async fn heartbeat(&mut self) {
-        let p = encode(HEARTBEAT_KIND, 0, &self.me, "", &[]);
-        self.publish(format!("{}.hb", self.prefix), p).await;
+        if self.said_bye {
+            return;
+        }
+        let leaving = self.cs().leaving.load(Relaxed);
+        let kind = if leaving { BYE } else { HEARTBEAT_KIND };
+        let p = encode(kind, 0, &self.me, "", &[]);
+        if self.publish(format!("{}.hb", self.prefix), p).await && leaving {
+            // Flushed, so the goodbye is out before the process exits.
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.client.flush()).await;
+            self.said_bye = true;
+        }
+    }
+
+    /// A node said goodbye: counts stop waiting for it at once.
+    fn forget_node(&mut self, node: &str) {
+        self.last_seen.remove(node);
+        let mut done = Vec::new();
+        for (token, g) in self.pending.iter_mut() {
+            if g.waiting.remove(node) && g.waiting.is_empty() {
+                done.push(*token);
+            }
+        }
+        for token in done {
+            let g = self.pending.remove(&token).expect("present");
+            let msg = Msg::Count {
+                waiter: g.waiter,
+                n: g.sum,
+            };
+            self.hand_to_core(g.waiter.core(), msg);
+        }
     }
 
     /// Connection state, live nodes, and counts that are due. True when the client has just

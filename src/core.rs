@@ -58,6 +58,10 @@ impl Shared {
         if self.shutdown.swap(true, Ordering::SeqCst) {
             return;
         }
+        if let Some(c) = &self.cluster {
+            // The other nodes stop counting on this one at once.
+            c.leaving.store(true, Ordering::SeqCst);
+        }
         for mb in &self.mailboxes {
             mb.send_batch(vec![Msg::Shutdown]);
         }

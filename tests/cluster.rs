@@ -433,6 +433,65 @@ fn a_killed_node_is_left_out_within_3s() {
 }
 
 #[test]
+fn a_frozen_node_is_left_out_then_resumes() {
+    let broker = Broker::start();
+    let n = three(&broker, "wsgate");
+    let _f1 = n[0].connect("f");
+    let mut f3 = n[2].connect("f");
+    n[2].signal(libc::SIGSTOP);
+    // Counts stop waiting for it after --cluster-timeout (2 s).
+    let start = Instant::now();
+    assert_eq!(api_send(&n[1], "f", json!("frozen")), 1);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(n[1].metric("wsgate_cluster_missing_answers_total", "") >= 1.0);
+    n[2].signal(libc::SIGCONT);
+    // Back without a restart: counted again, and its connection still served.
+    let mut counted = 0;
+    wait_for(
+        "the thawed node counted again",
+        Duration::from_secs(5),
+        &mut || {
+            counted = api_send(&n[1], "f", json!("thawed"));
+            counted == 2
+        },
+    );
+    loop {
+        // What was published while it was frozen may or may not arrive (at most once).
+        let m = recv_msg(&mut f3);
+        if m["data"] == "thawed" {
+            break;
+        }
+    }
+    wait_cluster(&n, 3);
+}
+
+#[test]
+fn a_node_shutting_down_says_goodbye() {
+    let broker = Broker::start();
+    let mut n = three(&broker, "wsgate");
+    let _c = n[2].connect("bye");
+    n[2].signal(libc::SIGTERM);
+    let _ = n[2].child.wait();
+    n.truncate(2);
+    let start = Instant::now();
+    // Left out of the live list and of counts at once, not after the 3 s of silence.
+    wait_cluster(&n, 2);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    let start = Instant::now();
+    assert_eq!(presence(&n[0], "bye"), 0);
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
 fn broker_restart_delivery_resumes_without_reconnecting_clients() {
     let mut broker = Broker::start();
     let n = three(&broker, "wsgate");
