@@ -143,7 +143,7 @@ enum Done {
 }
 
 /// What a node subscribes to on the broker (cluster mode).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     /// A user's subject: the node holds a connection of the user.
     User,
@@ -152,7 +152,7 @@ pub enum Kind {
 }
 
 /// A request that came from another node (cluster mode), carried out on this node only.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum RemoteReq {
     /// Deliver to this node's connections of `user`.
     Send {
