@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A three-node cluster on loopback: one nats-server and three wsgate nodes (n1, n2, n3),
 # each with the demo page. Ctrl-C stops everything (every process this script started, by
-# PID). Ports: broker 4222 (NATS_PORT), nodes 8081-8083 (BASE_PORT+1..3).
+# PID), within about 5 s. Ports: broker 4222 (NATS_PORT), nodes 8081-8083 (BASE_PORT+1..3),
+# all on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATS_PORT=${NATS_PORT:-4222}
@@ -10,7 +11,11 @@ command -v nats-server >/dev/null || {
   echo "nats-server is missing: apt-get install -y nats-server" >&2
   exit 1
 }
-cargo build --release --bin wsgate >&2
+# WSGATE_BIN: a wsgate binary to use instead of building the release one.
+if [ -z "${WSGATE_BIN:-}" ]; then
+  cargo build --release --bin wsgate >&2
+  WSGATE_BIN="${CARGO_TARGET_DIR:-target}/release/wsgate"
+fi
 pids=()
 stop() {
   trap - INT TERM EXIT
@@ -30,7 +35,7 @@ trap stop INT TERM EXIT
 nats-server -a 127.0.0.1 -p "$NATS_PORT" &
 pids+=($!)
 for i in 1 2 3; do
-  target/release/wsgate --listen "127.0.0.1:$((BASE_PORT + i))" --workers 2 --demo \
+  "$WSGATE_BIN" --listen "127.0.0.1:$((BASE_PORT + i))" --workers 2 --demo \
     --cluster "nats://127.0.0.1:$NATS_PORT" --node-id "n$i" &
   pids+=($!)
 done
