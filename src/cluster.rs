@@ -19,7 +19,7 @@
 //! | `PREFIX.r.<hex(room)>` | nodes holding a member of the room | publish |
 //! | `PREFIX.b` | every node | broadcast |
 //! | `PREFIX.q` | every node | count probes (below) |
-//! | `PREFIX.hb` | every node | heartbeats, once a second |
+//! | `PREFIX.hb` | every node | heartbeats, once a second; hello (answered at once by a heartbeat) on (re)connecting; goodbye on shutdown |
 //! | `PREFIX.n.<hex(node)>` | that node | answers to its counted requests |
 //! | `PREFIX._INBOX.>` | (the client's inbox prefix; unused so far) | |
 //!
@@ -103,6 +103,8 @@ const PROBE: u8 = 6;
 const ANSWER: u8 = 7;
 const HEARTBEAT_KIND: u8 = 8;
 const BYE: u8 = 9;
+/// A heartbeat that asks every node for theirs at once (sent on (re)connecting).
+const HELLO: u8 = 10;
 
 /// What the cores and the HTTP side share with the bridge.
 pub(crate) struct ClusterShared {
@@ -298,6 +300,8 @@ struct Bridge {
     connected: bool,
     ever_connected: bool,
     said_bye: bool,
+    /// A node said hello: answer with a heartbeat now.
+    answer_hello: bool,
     in_tx: mpsc::Sender<async_nats::Message>,
     /// Messages for each core, sent as one batch per drain.
     batches: Vec<Vec<Msg>>,
@@ -355,6 +359,7 @@ async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>)
         connected: false,
         ever_connected: false,
         said_bye: false,
+        answer_hello: false,
         in_tx,
     };
     for s in [
@@ -392,15 +397,20 @@ async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>)
                     }
                 }
                 b.flush_batches();
+                if std::mem::take(&mut b.answer_hello) {
+                    b.heartbeat(HEARTBEAT_KIND).await;
+                }
             }
             _ = tick.tick() => {
-                if b.tick() || (b.cs().leaving.load(Relaxed) && !b.said_bye) {
-                    // Just (re)connected: tell the others at once.
-                    b.heartbeat().await;
+                if b.tick() {
+                    // Just (re)connected: tell the others, and ask for their heartbeats.
+                    b.heartbeat(HELLO).await;
+                } else if b.cs().leaving.load(Relaxed) && !b.said_bye {
+                    b.heartbeat(HEARTBEAT_KIND).await;
                 }
                 b.flush_batches();
             }
-            _ = hb.tick() => b.heartbeat().await,
+            _ = hb.tick() => b.heartbeat(HEARTBEAT_KIND).await,
         }
     }
 }
@@ -603,6 +613,11 @@ impl Bridge {
                 self.last_seen.insert(w.origin.to_string(), Instant::now());
                 return;
             }
+            HELLO => {
+                self.last_seen.insert(w.origin.to_string(), Instant::now());
+                self.answer_hello = true;
+                return;
+            }
             BYE => {
                 self.forget_node(w.origin);
                 return;
@@ -689,12 +704,13 @@ impl Bridge {
         }
     }
 
-    async fn heartbeat(&mut self) {
+    /// Publishes a heartbeat of `kind` (a goodbye instead once shutting down).
+    async fn heartbeat(&mut self, kind: u8) {
         if self.said_bye {
             return;
         }
         let leaving = self.cs().leaving.load(Relaxed);
-        let kind = if leaving { BYE } else { HEARTBEAT_KIND };
+        let kind = if leaving { BYE } else { kind };
         let p = encode(kind, 0, &self.me, "", &[]);
         if self.publish(format!("{}.hb", self.prefix), p).await && leaving {
             // Flushed, so the goodbye is out before the process exits.

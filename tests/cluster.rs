@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 struct Broker {
     child: Option<Child>,
     port: u16,
+    /// Cluster flags (servers of a NATS cluster).
+    cluster: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -33,15 +35,49 @@ impl Broker {
         let mut b = Broker {
             child: None,
             port: free_port(),
+            cluster: Vec::new(),
         };
         b.spawn();
         b
+    }
+
+    /// Three servers of one NATS cluster (routes between them).
+    fn cluster3() -> Vec<Broker> {
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let all: Vec<String> = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        (0..3)
+            .map(|i| {
+                let mut b = Broker {
+                    child: None,
+                    port: free_port(),
+                    cluster: vec![
+                        "--cluster_name".into(),
+                        "c".into(),
+                        "--cluster".into(),
+                        all[i].clone(),
+                        "--routes".into(),
+                        all.iter()
+                            .enumerate()
+                            .filter(|(j, _)| *j != i)
+                            .map(|(_, u)| u.clone())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ],
+                };
+                b.spawn();
+                b
+            })
+            .collect()
     }
 
     fn spawn(&mut self) {
         let bin = std::env::var("WSGATE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
         let child = Command::new(&bin)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.cluster)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -536,6 +572,50 @@ fn broker_restart_delivery_resumes_without_reconnecting_clients() {
     // Exact again: both sides of the same user, counted.
     let _far2 = n[2].connect("far");
     assert_eq!(api_send(&n[0], "far", json!("x")), 2);
+}
+
+/// Failover between the servers of a NATS cluster: a node given one server learns the
+/// others from it and moves to one of them when its server dies.
+#[test]
+fn nats_cluster_failover() {
+    let mut servers = Broker::cluster3();
+    let a = node(&servers[0], "a", "wsgate");
+    let b = node(&servers[2], "b", "wsgate");
+    let n = vec![a, b];
+    // Heartbeats cross the route: the servers are joined.
+    wait_cluster(&n, 2);
+    let mut ub = n[1].connect("ub");
+    // Interest travels between servers asynchronously: poll until it has.
+    let mut got = 0;
+    wait_for(
+        "interest across servers",
+        Duration::from_secs(5),
+        &mut || {
+            got = api_send(&n[0], "ub", json!("first"));
+            got == 1
+        },
+    );
+    assert_eq!(recv_msg(&mut ub)["data"], "first");
+
+    servers[0].kill();
+    let killed = Instant::now();
+    wait_for(
+        "delivery after failover",
+        Duration::from_secs(5),
+        &mut || api_send(&n[0], "ub", json!("again")) == 1,
+    );
+    eprintln!(
+        "failover: cross-node delivery again {:?} after the server died",
+        killed.elapsed()
+    );
+    // Anything sent during the failover may be lost (at most once); the last one arrives.
+    loop {
+        if recv_msg(&mut ub)["data"] == "again" {
+            break;
+        }
+    }
+    wait_cluster(&n, 2);
+    assert!(n[0].metric("wsgate_cluster_reconnects_total", "") >= 1.0);
 }
 
 #[test]
