@@ -2,9 +2,11 @@
 //!
 //! One thread per node owns the broker client (`async-nats` on a current-thread tokio
 //! runtime); the cores never touch tokio. Cores hand it what must leave the node through
-//! [`ClusterShared::submit`] (an unbounded tokio channel whose *requests* are bounded by a
-//! depth counter: past [`QUEUE_LIMIT`] a request is dropped, counted, and its count answered
-//! 0 at once, so a core never blocks). The bridge hands what arrives to the right core's
+//! [`ClusterShared::submit`]: a tokio channel whose *requests* are counted. Past half of
+//! [`QUEUE_LIMIT`] the node's backpressure signal turns on (every core stops reading from
+//! clients, the sources of requests) until the bridge has worked the queue down to a
+//! quarter; past the limit itself a request is dropped, counted, and its count answered 0
+//! at once. A core never blocks. The bridge hands what arrives to the right core's
 //! mailbox (the user's or room's owner core, so one sender's messages stay in order), with
 //! the mailboxes' usual backpressure.
 //!
@@ -66,7 +68,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::key::ConnKey;
-use crate::mailbox::{self, MailboxSender, Pressure};
+use crate::mailbox::{self, MailboxSender, Pressure, Reason};
 use crate::route::{ClusterOut, Kind, Msg, Owners, RemoteReq};
 
 /// What the bridge needs of the node: the cores' mailboxes and who owns what.
@@ -132,6 +134,8 @@ pub(crate) struct ClusterShared {
     pub dropped: AtomicU64,
     /// The node is shutting down: it says goodbye, and stops its heartbeats.
     pub leaving: AtomicBool,
+    /// The node's backpressure signal.
+    pressure: Arc<Pressure>,
 }
 
 impl ClusterShared {
@@ -144,7 +148,10 @@ impl ClusterShared {
                 self.dropped.fetch_add(1, Relaxed);
                 return Err(out);
             }
-            self.depth.fetch_add(1, Relaxed);
+            let depth = self.depth.fetch_add(1, Relaxed) + 1;
+            if depth > QUEUE_LIMIT / 2 && !self.pressure.has(0, Reason::Bridge) {
+                self.pressure.set(0, Reason::Bridge, true);
+            }
         }
         self.tx.send((core, out)).map_err(|e| {
             if request {
@@ -152,6 +159,23 @@ impl ClusterShared {
             }
             e.0 .1
         })
+    }
+
+    /// The bridge took a request off the queue; at a quarter of the bound the backpressure
+    /// it caused ends.
+    fn taken(&self) {
+        let left = self.depth.fetch_sub(1, Relaxed).saturating_sub(1);
+        if left <= QUEUE_LIMIT / 4 {
+            self.settle();
+        }
+    }
+
+    /// Turns the bridge's backpressure off when the queue is low (also checked every tick:
+    /// a core may turn it on just after the bridge's last look).
+    fn settle(&self) {
+        if self.pressure.has(0, Reason::Bridge) && self.depth.load(Relaxed) <= QUEUE_LIMIT / 4 {
+            self.pressure.set(0, Reason::Bridge, false);
+        }
     }
 
     /// `/api/stats`'s `cluster` object.
@@ -168,6 +192,7 @@ impl ClusterShared {
 /// Creates the shared state and the bridge's receiving end.
 pub(crate) fn shared(
     config: &crate::Config,
+    pressure: Arc<Pressure>,
 ) -> (ClusterShared, mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let node = config.node_name();
@@ -185,6 +210,7 @@ pub(crate) fn shared(
         missing_answers: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
         leaving: AtomicBool::new(false),
+        pressure,
     };
     (shared, rx)
 }
@@ -499,7 +525,7 @@ impl Bridge {
                 }
             }
             ClusterOut::Request { req, waiter } => {
-                self.cs().depth.fetch_sub(1, Relaxed);
+                self.cs().taken();
                 self.request(req, waiter).await;
             }
             ClusterOut::Answer { token, n } => {
@@ -741,6 +767,7 @@ impl Bridge {
     /// Connection state, live nodes, and counts that are due. True when the client has just
     /// (re)connected.
     fn tick(&mut self) -> bool {
+        self.cs().settle();
         let connected = matches!(
             self.client.connection_state(),
             async_nats::connection::State::Connected
@@ -802,6 +829,42 @@ impl Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_bridge_queue_slows_clients_then_drops() {
+        use clap::Parser;
+        let config = crate::Config::parse_from(["wsgate", "--cluster", "nats://a:1"]);
+        let pressure = Arc::new(Pressure::new(2));
+        let (c, mut rx) = shared(&config, pressure.clone());
+        let req = || ClusterOut::Request {
+            req: RemoteReq::Broadcast {
+                frame: Bytes::new(),
+            },
+            waiter: None,
+        };
+        for _ in 0..QUEUE_LIMIT / 2 {
+            assert!(c.submit(1, req()).is_ok());
+        }
+        assert!(!pressure.is_on());
+        assert!(c.submit(1, req()).is_ok());
+        assert!(pressure.is_on(), "past half the bound: clients are slowed");
+        for _ in QUEUE_LIMIT / 2 + 1..QUEUE_LIMIT {
+            assert!(c.submit(0, req()).is_ok());
+        }
+        assert!(c.submit(0, req()).is_err(), "past the bound: dropped");
+        assert_eq!(c.dropped.load(Relaxed), 1);
+        // Answers and subscriptions are never dropped.
+        let answer = ClusterOut::Answer { token: 1, n: 1 };
+        assert!(c.submit(0, answer).is_ok());
+        let mut taken = 0;
+        while pressure.is_on() {
+            let (_, out) = rx.try_recv().unwrap();
+            assert!(matches!(out, ClusterOut::Request { .. }));
+            c.taken();
+            taken += 1;
+        }
+        assert_eq!(taken, QUEUE_LIMIT - QUEUE_LIMIT / 4);
+    }
 
     #[test]
     fn names_are_single_tokens_and_injective() {

@@ -136,7 +136,7 @@ impl Server {
         let (cluster, bridge_rx) = if config.cluster.is_empty() {
             (None, None)
         } else {
-            let (c, rx) = crate::cluster::shared(&config);
+            let (c, rx) = crate::cluster::shared(&config, pressure.clone());
             (Some(Arc::new(c)), Some(rx))
         };
         let shared = Arc::new(Shared {
