@@ -2,7 +2,7 @@
 //!
 //! One thread per node owns the broker client (`async-nats` on a current-thread tokio
 //! runtime); the cores never touch tokio. Cores hand it what must leave the node through
-//! [`ClusterShared::submit`]: a tokio channel whose *requests* are counted. Past half of
+//! `ClusterShared::submit`: a tokio channel whose *requests* are counted. Past half of
 //! [`QUEUE_LIMIT`] the node's backpressure signal turns on (every core stops reading from
 //! clients, the sources of requests) until the bridge has worked the queue down to a
 //! quarter; past the limit itself a request is dropped, counted, and its count answered 0
@@ -23,6 +23,7 @@
 //! | `PREFIX.q` | every node | count probes (below) |
 //! | `PREFIX.hb` | every node | heartbeats, once a second; hello (answered at once by a heartbeat) on (re)connecting; goodbye on shutdown |
 //! | `PREFIX.n.<hex(node)>` | that node | answers to its counted requests |
+//! | `PREFIX.sync.<hex(node)>` | nobody | round trips (the server answers "no responders") |
 //! | `PREFIX._INBOX.>` | (the client's inbox prefix; unused so far) | |
 //!
 //! Names are hex-encoded bytes: any id is a single subject token of `0-9a-f` (`.`, `*`, `>`,
@@ -54,9 +55,9 @@
 //!
 //! A user's owner core asks for the user's subscription when the node's first connection of
 //! the user registers, and drops it when the last one leaves (rooms: when the node's first
-//! member joins / last member leaves). The bridge subscribes, flushes (a PING/PONG round
-//! trip: the server has the interest once it answers) and confirms to the core, which only
-//! then welcomes the connection (or acks the join).
+//! member joins / last member leaves). The bridge subscribes, makes one round trip through
+//! the server (`Bridge::round_trip`) and confirms to the core, which only then welcomes
+//! the connection (or acks the join).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -314,7 +315,7 @@ struct Bridge {
     me: String,
     prefix: String,
     /// This node's user and room subscriptions: the forwarding task, and whether the
-    /// broker confirmed it (a flush returned after it).
+    /// broker confirmed it (a round trip returned after it).
     subs: HashMap<(Kind, Box<str>), (tokio::task::JoinHandle<()>, bool)>,
     confirms: Vec<(usize, Kind, Box<str>, u64)>,
     pending: HashMap<u64, Gather>,
@@ -612,17 +613,33 @@ impl Bridge {
         if self.confirms.is_empty() {
             return;
         }
-        if self.connected {
-            let flushed = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
-            if !matches!(flushed, Ok(Ok(()))) {
-                tracing::warn!("broker flush failed; welcoming anyway (serving locally)");
-            }
+        if self.connected && !self.round_trip().await {
+            tracing::warn!("no round trip to the broker; welcoming anyway (serving locally)");
         }
         for (core, kind, name, seq) in std::mem::take(&mut self.confirms) {
             if let Some(sub) = self.subs.get_mut(&(kind, name.clone())) {
                 sub.1 = true;
             }
             self.hand_to_core(core, Msg::Subscribed { kind, name, seq });
+        }
+    }
+
+    /// One round trip through the server: everything this client sent before (its SUBs) has
+    /// been processed by the server when it returns true. `Client::flush` is not enough: it
+    /// only waits for the socket write. A request to a subject nobody serves is answered by
+    /// the server itself ("no responders") once it has processed the request, hence every
+    /// command before it on this connection.
+    async fn round_trip(&self) -> bool {
+        let subject = format!("{}.sync.{}", self.prefix, encode_name(&self.me));
+        let asked = self.client.request(subject, Bytes::new());
+        match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => true,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "round trip failed");
+                false
+            }
+            Err(_) => false,
         }
     }
 
