@@ -329,6 +329,8 @@ struct Bridge {
     said_bye: bool,
     /// A node said hello: answer with a heartbeat now.
     answer_hello: bool,
+    /// When a duplicate node id was last reported.
+    duplicate_warned: Option<Instant>,
     in_tx: mpsc::Sender<async_nats::Message>,
     /// Messages for each core, sent as one batch per drain.
     batches: Vec<Vec<Msg>>,
@@ -379,7 +381,11 @@ async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>)
         subs: HashMap::new(),
         confirms: Vec::new(),
         pending: HashMap::new(),
-        next_token: 1,
+        // Not 1: answers still in flight for a previous process with the same --node-id must
+        // not match this one's requests.
+        next_token: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
         remote: HashMap::new(),
         next_local: 1,
         last_seen: HashMap::new(),
@@ -387,6 +393,7 @@ async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>)
         ever_connected: false,
         said_bye: false,
         answer_hello: false,
+        duplicate_warned: None,
         in_tx,
     };
     for s in [
@@ -541,7 +548,7 @@ impl Bridge {
 
     async fn request(&mut self, req: RemoteReq, waiter: Option<ConnKey>) {
         let token = if waiter.is_some() {
-            self.next_token += 1;
+            self.next_token = self.next_token.wrapping_add(1).max(1);
             self.next_token
         } else {
             0
@@ -648,6 +655,16 @@ impl Bridge {
         let payload = msg.payload;
         let Some(w) = decode(&payload) else { return };
         if w.origin == self.me {
+            // With no_echo this node never hears itself: another node uses the same id, and
+            // each takes the other's messages for its own. Say so, at most every 10 s.
+            let now = Instant::now();
+            if self
+                .duplicate_warned
+                .is_none_or(|t| now.duration_since(t) > LIVE_FOR * 3)
+            {
+                self.duplicate_warned = Some(now);
+                tracing::error!(node = %self.me, "another node uses this --node-id: give each node its own");
+            }
             return;
         }
         let body = payload.slice(w.body..);

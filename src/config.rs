@@ -323,8 +323,12 @@ impl Config {
                 "--node-id {node:?}: 1-128 printable ASCII characters, no spaces"
             ));
         }
-        if self.cluster_timeout.is_zero() || self.cluster_timeout > Duration::from_secs(60) {
-            return Err("--cluster-timeout must be above zero and at most 60s".into());
+        // Under the API's own 10 s wait, or API calls would answer 503 instead of a count.
+        if self.cluster_timeout.is_zero() || self.cluster_timeout > Duration::from_secs(8) {
+            return Err(
+                "--cluster-timeout must be above zero and at most 8s (API calls answer within 10 s)"
+                    .into(),
+            );
         }
         Ok(())
     }

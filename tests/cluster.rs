@@ -654,3 +654,73 @@ fn flags_redis_refused_and_single_node_unchanged() {
     let (status, body) = http(g.addr, "GET", "/readyz", None, &[]);
     assert_eq!((status, body.as_str()), (503, "broker disconnected"));
 }
+
+/// Starts `bin` (another build of wsgate, e.g. the release one) like `Gateway::start`.
+fn start_bin(bin: &str, args: &[&str]) -> Gateway {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(bin)
+        .args(["--listen", "127.0.0.1:0", "--workers", "2"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start wsgate");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    let addr = line.strip_prefix("listening on ").unwrap().parse().unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    Gateway { child, addr }
+}
+
+/// Not part of the suite; measures what a counted send costs in a cluster:
+/// `WSGATE_MEASURE_BIN=target/release/wsgate cargo test --test cluster measure -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_the_cost_of_crossing_nodes() {
+    let bin = std::env::var("WSGATE_MEASURE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wsgate").to_string());
+    let broker = Broker::start();
+    let url = broker.url();
+    let n: Vec<Gateway> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| start_bin(&bin, &["--cluster", &url, "--node-id", id]))
+        .collect();
+    wait_cluster(&n, 3);
+    let single = start_bin(&bin, &[]);
+    const ROUNDS: u64 = 2000;
+    let mut sender = n[0].connect("s");
+    let _near = n[0].connect("near");
+    let _far = n[1].connect("far");
+    let mut alone = single.connect("s");
+    let _alone_near = single.connect("near");
+    let time = |c: &mut Client, to: &str, base: u64| {
+        let mut v: Vec<Duration> = (0..ROUNDS)
+            .map(|i| {
+                let t = Instant::now();
+                assert_eq!(common::send_acked(c, to, json!(i), base + i), 1);
+                t.elapsed()
+            })
+            .collect();
+        v.sort();
+        (v[v.len() / 2], v[v.len() * 99 / 100])
+    };
+    let (a50, a99) = time(&mut alone, "near", 0);
+    let (s50, s99) = time(&mut sender, "near", 100_000);
+    let (f50, f99) = time(&mut sender, "far", 200_000);
+    // Uncounted throughput across nodes: one sender, one recipient on another node.
+    let mut far = n[2].connect("far2");
+    let t = Instant::now();
+    const BURST: u64 = 20_000;
+    for i in 0..BURST {
+        sender.send_to("far2", json!(i), None).unwrap();
+    }
+    for i in 0..BURST {
+        assert_eq!(recv_msg(&mut far)["data"], i);
+    }
+    let rate = BURST as f64 / t.elapsed().as_secs_f64();
+    eprintln!(
+        "{bin}\nacked send, median / p99 of {ROUNDS}:\n  without --cluster:          {a50:?} / {a99:?}\n  \
+         cluster, recipient here:    {s50:?} / {s99:?}\n  cluster, recipient remote:  {f50:?} / {f99:?}\n\
+         uncounted sends to another node, one sender: {rate:.0} msg/s"
+    );
+}
