@@ -302,6 +302,31 @@ pub(crate) fn start(shared: Node, rx: mpsc::UnboundedReceiver<(usize, ClusterOut
         .expect("spawn the cluster bridge");
 }
 
+/// `%XX` escapes of a URL's user or password decoded (anything malformed kept as is).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| char::from(c).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|c| hex(*c)),
+            b.get(i + 2).and_then(|c| hex(*c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 struct Gather {
     waiting: HashSet<String>,
     sum: u64,
@@ -350,8 +375,22 @@ async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>)
             }
         })
         .collect();
+    // async-nats does not take credentials from the URLs itself: the first URL with some
+    // gives them (`nats://user:pass@host`, or `nats://token@host`).
+    let creds = addrs.iter().find(|a| a.has_user_pass()).map(|a| {
+        (
+            percent_decode(a.username().unwrap_or_default()),
+            a.password().map(percent_decode),
+        )
+    });
     let client = loop {
-        let opts = async_nats::ConnectOptions::new()
+        let mut opts = async_nats::ConnectOptions::new();
+        opts = match creds.clone() {
+            Some((user, Some(pass))) => opts.user_and_password(user, pass),
+            Some((token, None)) => opts.token(token),
+            None => opts,
+        };
+        let opts = opts
             .name(format!("wsgate {me}"))
             .no_echo()
             .retry_on_initial_connect()
@@ -914,6 +953,13 @@ mod tests {
         }
         assert_eq!(encode_name("a.b"), "612e62");
         assert_ne!(subject("p", Kind::User, "x"), subject("p", Kind::Room, "x"));
+    }
+
+    #[test]
+    fn url_credentials_are_decoded() {
+        assert_eq!(percent_decode("p%40ss%2B1"), "p@ss+1");
+        assert_eq!(percent_decode("plain"), "plain");
+        assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
     }
 
     #[test]

@@ -18,8 +18,10 @@ use serde_json::{json, Value};
 struct Broker {
     child: Option<Child>,
     port: u16,
-    /// Cluster flags (servers of a NATS cluster).
+    /// More flags (servers of a NATS cluster, a config file).
     cluster: Vec<String>,
+    /// Where the server's log goes (`None`: nowhere).
+    log: Option<std::path::PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -36,9 +38,46 @@ impl Broker {
             child: None,
             port: free_port(),
             cluster: Vec::new(),
+            log: None,
         };
         b.spawn();
         b
+    }
+
+    /// A server where user `u` (password `p`) may publish and subscribe on `PREFIX.>` only;
+    /// its log (permission violations included) goes to a file.
+    fn with_permissions(prefix: &str) -> Broker {
+        let dir = std::env::temp_dir().join(format!(
+            "wsgate-nats-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "authorization {{ users = [ {{ user: u, password: p, permissions: {{ \
+                 publish: [\"{prefix}.>\"], subscribe: [\"{prefix}.>\"] }} }} ] }}\n"
+            ),
+        )
+        .unwrap();
+        let mut b = Broker {
+            child: None,
+            port: free_port(),
+            cluster: vec!["-c".into(), conf.to_string_lossy().into()],
+            log: Some(dir.join("nats.log")),
+        };
+        b.spawn();
+        b
+    }
+
+    /// The server's log so far.
+    fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|l| std::fs::read_to_string(l).ok())
+            .unwrap_or_default()
     }
 
     /// Three servers of one NATS cluster (routes between them).
@@ -53,6 +92,7 @@ impl Broker {
                 let mut b = Broker {
                     child: None,
                     port: free_port(),
+                    log: None,
                     cluster: vec![
                         "--cluster_name".into(),
                         "c".into(),
@@ -79,7 +119,10 @@ impl Broker {
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(&self.cluster)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(match &self.log {
+                Some(l) => Stdio::from(std::fs::File::create(l).unwrap()),
+                None => Stdio::null(),
+            })
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start {bin} ({e}): install it with scripts/test-cluster.sh or apt-get install -y nats-server")
@@ -109,6 +152,9 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = self.log.as_ref().and_then(|l| l.parent()) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -616,6 +662,60 @@ fn nats_cluster_failover() {
     }
     wait_cluster(&n, 2);
     assert!(n[0].metric("wsgate_cluster_reconnects_total", "") >= 1.0);
+}
+
+/// CLUSTER.md: every subject a node uses, reply inboxes included, starts with the prefix,
+/// so `PREFIX.>` is all the broker permissions a cluster needs. Credentials in the URL.
+#[test]
+fn permissions_on_the_prefix_alone_are_enough() {
+    let broker = Broker::with_permissions("perm");
+    let url = format!("nats://u:p@127.0.0.1:{}", broker.port);
+    let n: Vec<Gateway> = ["n1", "n2"]
+        .iter()
+        .map(|id| {
+            Gateway::start(&[
+                "--cluster",
+                &url,
+                "--node-id",
+                id,
+                "--cluster-prefix",
+                "perm",
+            ])
+        })
+        .collect();
+    wait_cluster(&n, 2);
+    let mut c = n[1].connect("p.u");
+    let mut s = n[0].connect("s");
+    assert_eq!(common::send_acked(&mut s, "p.u", json!(1), 1), 1);
+    assert_eq!(recv_msg(&mut c)["data"], 1);
+    join(&mut c, "room", 2);
+    assert_eq!(publish_acked(&mut s, "room", json!(2), 3), 1);
+    assert_eq!(
+        post(&n[0], "/api/broadcast", json!({"data": 3}))["delivered"],
+        2
+    );
+    assert_eq!(presence(&n[0], "p.u"), 1);
+    assert_eq!(
+        post(&n[0], "/api/disconnect", json!({"user": "p.u"}))["closed"],
+        1
+    );
+    let log = broker.log();
+    assert!(!log.contains("Violation"), "{log}");
+    // The check is real: a node with another prefix is refused by the server.
+    let other = Gateway::start(&[
+        "--cluster",
+        &url,
+        "--node-id",
+        "x",
+        "--cluster-prefix",
+        "other",
+    ]);
+    let _c = other.connect("y");
+    wait_for(
+        "a permissions violation logged",
+        Duration::from_secs(5),
+        &mut || broker.log().contains("Violation"),
+    );
 }
 
 #[test]
