@@ -549,6 +549,25 @@ fn a_frozen_node_is_left_out_then_resumes() {
 }
 
 #[test]
+fn a_new_node_is_reached_and_counted_within_5s() {
+    let broker = Broker::start();
+    let n = vec![node(&broker, "n1", "wsgate"), node(&broker, "n2", "wsgate")];
+    wait_cluster(&n, 2);
+    let started = Instant::now();
+    let late = node(&broker, "n3", "wsgate");
+    let mut c = late.connect("late");
+    wait_for("the new node counted", Duration::from_secs(5), &mut || {
+        api_send(&n[0], "late", json!(1)) == 1
+    });
+    eprintln!(
+        "a new node was counted {:?} after its start",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(recv_msg(&mut c)["data"], 1);
+}
+
+#[test]
 fn a_node_shutting_down_says_goodbye() {
     let broker = Broker::start();
     let mut n = three(&broker, "wsgate");
@@ -591,6 +610,9 @@ fn broker_restart_delivery_resumes_without_reconnecting_clients() {
     }
     assert_eq!(api_send(&n[0], "near", json!("local")), 1);
     assert_eq!(recv_msg(&mut near)["data"], "local");
+    // A client connecting during the outage is welcomed (served locally) and becomes
+    // reachable from the other nodes once the broker is back.
+    let mut during = n[1].connect("during");
     let s = n[0].stats();
     assert_eq!(s["cluster"]["connected"], false);
     assert_eq!(n[0].metric("wsgate_cluster_connected", ""), 0.0);
@@ -611,6 +633,17 @@ fn broker_restart_delivery_resumes_without_reconnecting_clients() {
         back.elapsed()
     );
     assert_eq!(recv_msg(&mut far)["data"], "after");
+    wait_for(
+        "the client that came during the outage, reached",
+        Duration::from_secs(5),
+        &mut || api_send(&n[0], "during", json!("hello")) == 1,
+    );
+    assert!(back.elapsed() < Duration::from_secs(5));
+    loop {
+        if recv_msg(&mut during)["data"] == "hello" {
+            break;
+        }
+    }
     wait_cluster(&n, 3);
     assert!(n[0].metric("wsgate_cluster_reconnects_total", "") >= 1.0);
     let (status, _) = http(n[0].addr, "GET", "/readyz", None, &[]);
