@@ -857,3 +857,40 @@ fn measure_the_cost_of_crossing_nodes() {
          uncounted sends to another node, one sender: {rate:.0} msg/s"
     );
 }
+
+fn rss_kib(g: &Gateway) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{}/status", g.child.id())).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Not part of the suite; what one connected user costs a node in memory, with and without
+/// cluster mode (each user is a broker subscription in a cluster):
+/// `WSGATE_MEASURE_BIN=target/release/wsgate cargo test --test cluster memory -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_memory_per_user() {
+    let bin = std::env::var("WSGATE_MEASURE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wsgate").to_string());
+    const USERS: usize = 3000;
+    let broker = Broker::start();
+    let url = broker.url();
+    let single = start_bin(&bin, &[]);
+    let cluster = start_bin(&bin, &["--cluster", &url, "--node-id", "m"]);
+    wait_cluster(std::slice::from_ref(&cluster), 1);
+    for (name, g) in [("single node", &single), ("cluster node", &cluster)] {
+        let before = rss_kib(g);
+        let clients: Vec<Client> = (0..USERS).map(|i| g.connect(&format!("user{i}"))).collect();
+        g.wait_connections(USERS as i64, Duration::from_secs(30));
+        // The sweeper returns freed pages once a second.
+        std::thread::sleep(Duration::from_secs(2));
+        let after = rss_kib(g);
+        eprintln!(
+            "{name}: {USERS} users, one connection each: {} bytes per user",
+            (after.saturating_sub(before)) * 1024 / USERS as u64
+        );
+        drop(clients);
+    }
+}
