@@ -135,6 +135,8 @@ pub(crate) struct ClusterShared {
     pub dropped: AtomicU64,
     /// The node is shutting down: it says goodbye, and stops its heartbeats.
     pub leaving: AtomicBool,
+    /// The goodbye is out (or there is no broker to say it to).
+    bye_sent: AtomicBool,
     /// The node's backpressure signal.
     pressure: Arc<Pressure>,
 }
@@ -179,6 +181,14 @@ impl ClusterShared {
         }
     }
 
+    /// At exit: waits (bounded) until the bridge has said goodbye.
+    pub fn wait_bye(&self, within: Duration) {
+        let end = Instant::now() + within;
+        while !self.bye_sent.load(Relaxed) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// `/api/stats`'s `cluster` object.
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -211,6 +221,7 @@ pub(crate) fn shared(
         missing_answers: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
         leaving: AtomicBool::new(false),
+        bye_sent: AtomicBool::new(false),
         pressure,
     };
     (shared, rx)
@@ -815,6 +826,11 @@ impl Bridge {
             // Flushed, so the goodbye is out before the process exits.
             let _ = tokio::time::timeout(Duration::from_millis(500), self.client.flush()).await;
             self.said_bye = true;
+            self.cs().bye_sent.store(true, Relaxed);
+        } else if leaving && !self.connected {
+            // Nobody to tell.
+            self.said_bye = true;
+            self.cs().bye_sent.store(true, Relaxed);
         }
     }
 

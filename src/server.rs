@@ -231,6 +231,11 @@ impl Server {
         for t in self.threads {
             let _ = t.join();
         }
+        // Cluster mode: give the bridge a moment to say goodbye (a node without connections
+        // gets here within milliseconds of the signal).
+        if let Some(c) = &self.shared.cluster {
+            c.wait_bye(Duration::from_millis(500));
+        }
     }
 }
 

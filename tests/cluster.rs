@@ -571,7 +571,10 @@ fn a_new_node_is_reached_and_counted_within_5s() {
 fn a_node_shutting_down_says_goodbye() {
     let broker = Broker::start();
     let mut n = three(&broker, "wsgate");
-    let _c = n[2].connect("bye");
+    let c = n[2].connect("bye");
+    c.close();
+    n[2].wait_presence("bye", 0, Duration::from_secs(5));
+    // No connection left: the process exits at once, after its goodbye.
     n[2].signal(libc::SIGTERM);
     let _ = n[2].child.wait();
     n.truncate(2);
