@@ -345,7 +345,10 @@ async fn run_core(
     monoio::spawn(core.clone().run_mailbox(mailbox));
     monoio::spawn(core.clone().run_sweeper());
     monoio::spawn(core.clone().run_resumer());
-    monoio::spawn(accept_loop(core.clone(), listener, cancel));
+    // The spare descriptor is opened here, before the worker reports ready, so that every
+    // descriptor of an idle gateway exists once it prints `listening on` (tests compare
+    // descriptor counts with that baseline).
+    monoio::spawn(accept_loop(core.clone(), listener, cancel, Spare::open()));
     started.store(true, Ordering::SeqCst);
     let _ = ready.send(Ok(()));
 
@@ -373,8 +376,8 @@ async fn accept_loop(
     core: Rc<Core>,
     listener: monoio::net::TcpListener,
     cancel: monoio::io::CancelHandle,
+    mut spare: Spare,
 ) {
-    let mut spare = Spare::open();
     loop {
         match listener.cancelable_accept(cancel.clone()).await {
             Ok((stream, _peer)) => {
