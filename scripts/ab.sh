@@ -29,9 +29,13 @@ run() {
     idle) args=(idle --connections 10000 --gateway-pid "$pid" --duration 3s --warmup 2s) ;;
   esac
   local res
-  res=$(timeout 120 "$bench" "${args[@]}" --target "$addr" 2>/dev/null | tail -1)
-  echo "{\"build\":\"$which\",\"scenario\":\"$sc\",\"round\":$round,\"result\":$res}" | tee -a "$out/all.jsonl"
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  res=$(timeout 120 "$bench" "${args[@]}" --target "$addr" 2>/dev/null | tail -1) || res=
+  if [ -n "$res" ]; then
+    echo "{\"build\":\"$which\",\"scenario\":\"$sc\",\"round\":$round,\"result\":$res}" | tee -a "$out/all.jsonl"
+  else
+    echo "run $which $sc round $round failed (no result)" >&2
+  fi
+  kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=
 }
 for r in $(seq "$rounds"); do
   for sc in $scenarios; do

@@ -3,7 +3,9 @@
 # (the scripts install the rest: Python packages, Chromium, promtool, Autobahn):
 #  1. unit, simulation and integration tests (the real gateway on port 0, our Rust client and
 #     the third-party Python `websockets` client, installed into target/pyenv by the tests;
-#     tests/route_sim.rs runs the router through 1,500 seeded interleavings);
+#     tests/route_sim.rs runs the router through 1,500 seeded interleavings, and
+#     tests/cluster.rs three nodes joined by a real nats-server, installed by
+#     scripts/test-cluster.sh when missing);
 #  2. the integration tests again with every gateway on the epoll fallback driver
 #     (MONOIO_FORCE_LEGACY_DRIVER=1), which behaves differently under load (~40 s);
 #  3. the JavaScript client and the --demo page: node's test runner and headless Chromium
@@ -19,9 +21,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-python.sh >/dev/null
+# Installs nats-server (Debian package) when missing and builds the cluster tests; then every
+# test, the cluster's included, runs in the one `cargo test`.
+scripts/test-cluster.sh --no-run
 cargo test
 echo "== integration tests on the epoll fallback driver" >&2
-MONOIO_FORCE_LEGACY_DRIVER=1 cargo test --test gateway --test v1 --test hostile --test tls --test python_client
+MONOIO_FORCE_LEGACY_DRIVER=1 cargo test --test gateway --test v1 --test hostile --test tls \
+  --test cluster --test python_client
 bin="${CARGO_TARGET_DIR:-target}/debug/wsgate"
 echo "== JavaScript client and demo page" >&2
 WSGATE_BIN="$bin" scripts/test-js.sh

@@ -31,10 +31,37 @@ pub(crate) async fn answer(core: &Core, req: &Request, keep_alive: bool) -> Vec<
             keep_alive,
             "",
         ),
-        "/healthz" | "/metrics" => method_not_allowed("GET", keep_alive),
+        "/readyz" if get => readyz(core, keep_alive),
+        "/healthz" | "/metrics" | "/readyz" => method_not_allowed("GET", keep_alive),
         "/demo" | "/demo/" | "/demo/wsgate.js" if core.config().demo => demo(path, get, keep_alive),
         _ if path.starts_with("/api/") => api(core, req, keep_alive).await,
         _ => http::json_error(404, "not_found", "no such path", keep_alive),
+    }
+}
+
+/// `GET /readyz`: `200 ready` while the node can serve fully; `503` with the reason
+/// otherwise (a load balancer takes it out of rotation, its connections stay served).
+fn readyz(core: &Core, keep_alive: bool) -> Vec<u8> {
+    let shutting_down = core.shutting_down.get()
+        || core
+            .shared
+            .shutdown
+            .load(std::sync::atomic::Ordering::Relaxed);
+    let reason = if shutting_down {
+        Some("shutting down")
+    } else if core
+        .shared
+        .cluster
+        .as_ref()
+        .is_some_and(|c| !c.connected.load(std::sync::atomic::Ordering::Relaxed))
+    {
+        Some("broker disconnected")
+    } else {
+        None
+    };
+    match reason {
+        None => http::response(200, "text/plain", b"ready", keep_alive, ""),
+        Some(r) => http::response(503, "text/plain", r.as_bytes(), keep_alive, ""),
     }
 }
 
@@ -413,7 +440,66 @@ pub(crate) fn metrics(core: &Core) -> String {
             registry.register(Box::new(expiry)).expect("unique metric");
         }
     }
+    if let Some(cl) = &core.shared.cluster {
+        cluster_metrics(&registry, cl);
+    }
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&registry.gather(), &mut out);
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// Cluster mode's metrics (one per node, no `core` label).
+fn cluster_metrics(registry: &Registry, c: &crate::cluster::ClusterShared) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let gauge = |name: &str, help: &str, v: i64| {
+        let g = prometheus::IntGauge::new(name, help).expect("valid metric");
+        g.set(v);
+        registry.register(Box::new(g)).expect("unique metric");
+    };
+    gauge(
+        "wsgate_cluster_connected",
+        "1 while connected to the broker.",
+        i64::from(c.connected.load(Relaxed)),
+    );
+    let nodes = c.nodes.lock().map(|n| n.len()).unwrap_or(0);
+    gauge(
+        "wsgate_cluster_nodes",
+        "Live nodes of the cluster (heard from within 3 s), this one included.",
+        nodes as i64,
+    );
+    let counter = |name: &str, help: &str, v: u64| {
+        let g = prometheus::IntCounter::new(name, help).expect("valid metric");
+        g.inc_by(v);
+        registry.register(Box::new(g)).expect("unique metric");
+    };
+    counter(
+        "wsgate_cluster_messages_to_broker_total",
+        "Messages published to the broker.",
+        c.to_broker.load(Relaxed),
+    );
+    counter(
+        "wsgate_cluster_messages_from_broker_total",
+        "Messages received from the broker.",
+        c.from_broker.load(Relaxed),
+    );
+    counter(
+        "wsgate_cluster_reconnects_total",
+        "Reconnections to the broker after losing it.",
+        c.reconnects.load(Relaxed),
+    );
+    counter(
+        "wsgate_cluster_late_answers_total",
+        "Nodes' answers that came after their count was settled.",
+        c.late_answers.load(Relaxed),
+    );
+    counter(
+        "wsgate_cluster_missing_answers_total",
+        "Nodes left out of a count for not answering within --cluster-timeout.",
+        c.missing_answers.load(Relaxed),
+    );
+    counter(
+        "wsgate_cluster_dropped_total",
+        "Requests to other nodes dropped because the bridge's queue was full.",
+        c.dropped.load(Relaxed),
+    );
 }

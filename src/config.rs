@@ -170,6 +170,27 @@ pub struct Config {
     /// A connection refused this many messages in a row for its rate is closed with 1008.
     #[arg(long, env = "WSGATE_RATE_LIMIT_CLOSE_AFTER", default_value_t = 100)]
     pub rate_limit_close_after: u32,
+
+    /// Cluster mode: the broker shared by every node, `nats://[user:pass@]HOST:PORT`
+    /// (comma-separated URLs: servers of one NATS cluster). Unset: a single node, no broker.
+    /// Redis is not implemented yet.
+    #[arg(long, env = "WSGATE_CLUSTER", value_delimiter = ',')]
+    pub cluster: Vec<String>,
+
+    /// This node's name in stats, metrics and logs; unique per cluster. Default: host name
+    /// and process id.
+    #[arg(long, env = "WSGATE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Subject prefix on the broker: nodes with different prefixes on one broker are
+    /// separate clusters. Dot-separated tokens of `A-Z a-z 0-9 _ -`.
+    #[arg(long, env = "WSGATE_CLUSTER_PREFIX", default_value = "wsgate")]
+    pub cluster_prefix: String,
+
+    /// How long a count (`delivered`, presence, `closed`) waits for the other nodes' answers
+    /// before leaving out those that have not answered.
+    #[arg(long, env = "WSGATE_CLUSTER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub cluster_timeout: Duration,
 }
 
 impl Config {
@@ -261,6 +282,65 @@ impl Config {
             1024
         };
         (fds / 4).max(64)
+    }
+
+    /// This node's id: `--node-id`, else host name and process id.
+    pub fn node_name(&self) -> String {
+        if let Some(id) = &self.node_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "wsgate".into());
+        format!("{host}-{}", std::process::id())
+    }
+
+    /// Checks the cluster flags (see [`Config::validate`]).
+    fn validate_cluster(&self) -> Result<(), String> {
+        if self.cluster.is_empty() {
+            return Ok(());
+        }
+        for url in &self.cluster {
+            let lower = url.trim().to_ascii_lowercase();
+            if lower.starts_with("redis://") || lower.starts_with("rediss://") {
+                return Err(format!(
+                    "--cluster {url}: Redis is not implemented yet; use a nats:// URL"
+                ));
+            }
+            if !lower.starts_with("nats://") || lower.len() == "nats://".len() {
+                return Err(format!(
+                    "--cluster {url}: expected nats://HOST:PORT (the scheme picks the broker)"
+                ));
+            }
+        }
+        let token_ok = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !self.cluster_prefix.split('.').all(token_ok) || self.cluster_prefix.len() > 64 {
+            return Err(format!(
+                "--cluster-prefix {:?}: use dot-separated tokens of A-Z a-z 0-9 _ - (at most 64 \
+                 bytes)",
+                self.cluster_prefix
+            ));
+        }
+        let node = self.node_name();
+        if node.is_empty() || node.len() > 128 || !node.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "--node-id {node:?}: 1-128 printable ASCII characters, no spaces"
+            ));
+        }
+        // Under the API's own 10 s wait, or API calls would answer 503 instead of a count.
+        if self.cluster_timeout.is_zero() || self.cluster_timeout > Duration::from_secs(8) {
+            return Err(
+                "--cluster-timeout must be above zero and at most 8s (API calls answer within 10 s)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// Worker count after resolving 0 to the number of CPUs.
@@ -365,6 +445,7 @@ impl Config {
         if self.max_rooms_per_conn == 0 {
             return Err("--max-rooms-per-conn must be above zero".into());
         }
+        self.validate_cluster()?;
         if let Some(p) = &self.echo_path {
             if !p.starts_with('/') || p == "/ws" {
                 return Err(format!(
@@ -461,6 +542,30 @@ mod tests {
             "k",
         ]);
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn cluster_flags_are_checked() {
+        let c = Config::parse_from(["wsgate"]);
+        assert!(c.cluster.is_empty());
+        assert_eq!(c.cluster_prefix, "wsgate");
+        assert_eq!(c.cluster_timeout, Duration::from_secs(2));
+        let c = Config::parse_from(["wsgate", "--cluster", "redis://127.0.0.1:6379"]);
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("Redis is not implemented yet"), "{e}");
+        let c = Config::parse_from(["wsgate", "--cluster", "http://x"]);
+        assert!(c.validate().unwrap_err().contains("nats://"));
+        let c = Config::parse_from(["wsgate", "--cluster", "nats://a:1,nats://b:2"]);
+        assert_eq!(c.cluster.len(), 2);
+        assert!(c.validate().is_ok());
+        assert!(c.node_name().ends_with(&format!("-{}", std::process::id())));
+        for bad in ["a..b", "a.*", ">", "a b", ""] {
+            let c =
+                Config::parse_from(["wsgate", "--cluster", "nats://a:1", "--cluster-prefix", bad]);
+            assert!(c.validate().is_err(), "prefix {bad:?} accepted");
+        }
+        let c = Config::parse_from(["wsgate", "--cluster", "nats://a:1", "--node-id", "a b"]);
+        assert!(c.validate().is_err());
     }
 
     #[test]

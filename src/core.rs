@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub owners: Owners,
     /// `--tls-cert`/`--tls-key`: every connection is TLS. Read once per handshake.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Cluster mode: the broker bridge (`None` without `--cluster`).
+    pub cluster: Option<Arc<crate::cluster::ClusterShared>>,
 }
 
 impl Shared {
@@ -57,6 +59,10 @@ impl Shared {
     pub fn trigger_shutdown(&self) {
         if self.shutdown.swap(true, Ordering::SeqCst) {
             return;
+        }
+        if let Some(c) = &self.cluster {
+            // The other nodes stop counting on this one at once.
+            c.leaving.store(true, Ordering::SeqCst);
         }
         for mb in &self.mailboxes {
             mb.send_batch(vec![Msg::Shutdown]);
@@ -82,13 +88,16 @@ impl Shared {
     /// `GET /api/stats`: totals and per-core counters as JSON.
     pub fn stats_json(&self) -> String {
         let (total, cores) = self.snapshot();
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "connections": total.connections,
             "users": total.users,
             "total": total,
             "cores": cores,
-        })
-        .to_string()
+        });
+        if let Some(c) = &self.cluster {
+            v["cluster"] = c.json();
+        }
+        v.to_string()
     }
 }
 
@@ -183,7 +192,8 @@ impl Core {
             max_rooms_per_conn: shared.config.max_rooms_per_conn,
             max_connections_per_user: shared.config.max_connections_per_user,
         };
-        let router = Router::new(id, shared.owners, limits, shared.stats[id].clone());
+        let mut router = Router::new(id, shared.owners, limits, shared.stats[id].clone());
+        router.set_cluster(shared.cluster.is_some());
         Rc::new(Core {
             id,
             router: RefCell::new(router),
@@ -255,9 +265,25 @@ impl Core {
                         }
                     }
                     Action::Shutdown => self.begin_shutdown(),
+                    Action::Cluster(out) => self.hand_to_bridge(out),
                 }
             }
             *self.actions.borrow_mut() = actions;
+        }
+    }
+
+    /// Hands something to the broker bridge. A request the bridge cannot take (its queue is
+    /// full) counts 0 for the other nodes at once: the core never blocks.
+    fn hand_to_bridge(&self, out: crate::route::ClusterOut) {
+        let Some(c) = &self.shared.cluster else {
+            return;
+        };
+        if let Err(crate::route::ClusterOut::Request {
+            waiter: Some(waiter),
+            ..
+        }) = c.submit(self.id, out)
+        {
+            self.router.borrow_mut().handle(Msg::Count { waiter, n: 0 });
         }
     }
 

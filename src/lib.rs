@@ -22,6 +22,7 @@
 //! | [`key`] | generational connection keys: stale keys miss |
 //! | [`stats`] | per-core counters |
 //! | [`config`] | every flag, its default and why |
+//! | [`cluster`] | cluster mode: the bridge to the NATS broker, subjects, wire format |
 //! | [`client`] | a blocking client for tests and tools |
 //!
 //! The design rules (one runtime per core, one writer per socket, liveness by ping, stale keys
@@ -32,6 +33,7 @@
 mod api;
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 mod conn;

@@ -36,6 +36,9 @@ pub enum Reason {
     Mailbox = 0,
     /// Its connections' queued bytes are over its share of the global bound.
     QueuedBytes = 1,
+    /// Cluster mode: the broker bridge's queue is over half its bound (set on core 0's
+    /// flags; the node has one bridge).
+    Bridge = 2,
 }
 
 /// The gateway-wide backpressure signal: on while any core is over a bound.
@@ -44,7 +47,7 @@ pub struct Pressure {
     on: AtomicUsize,
     /// How many times a flag turned on since start.
     episodes: std::sync::atomic::AtomicU64,
-    flags: Vec<[AtomicBool; 2]>,
+    flags: Vec<[AtomicBool; 3]>,
     /// Each core's resume task, woken when the pressure goes off.
     wakers: Vec<AtomicWaker>,
 }
@@ -56,7 +59,7 @@ impl Pressure {
             on: AtomicUsize::new(0),
             episodes: std::sync::atomic::AtomicU64::new(0),
             flags: (0..cores)
-                .map(|_| [AtomicBool::new(false), AtomicBool::new(false)])
+                .map(|_| std::array::from_fn(|_| AtomicBool::new(false)))
                 .collect(),
             wakers: (0..cores).map(|_| AtomicWaker::new()).collect(),
         }

@@ -125,6 +125,8 @@ pub enum Reply {
     },
     /// A waiter on the key's core: send it the count.
     Waiter(ConnKey),
+    /// Another node's request (cluster mode): the bridge's token for it.
+    Remote(u64),
 }
 
 /// What a waiter does once every count is in.
@@ -136,6 +138,92 @@ enum Done {
     Local(u64),
     /// Pass the total on to whoever waits on another core.
     Reply(Reply),
+    /// Answer another node's request (the bridge's token).
+    Remote(u64),
+}
+
+/// What a node subscribes to on the broker (cluster mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// A user's subject: the node holds a connection of the user.
+    User,
+    /// A room's subject: the node holds a member of the room.
+    Room,
+}
+
+/// A request that came from another node (cluster mode), carried out on this node only.
+#[derive(Clone, Debug)]
+pub enum RemoteReq {
+    /// Deliver to this node's connections of `user`.
+    Send {
+        /// The user.
+        user: Box<str>,
+        /// The frame, as the origin encoded it.
+        frame: Bytes,
+    },
+    /// Deliver to this node's members of `room`.
+    Publish {
+        /// The room.
+        room: Box<str>,
+        /// The frame.
+        frame: Bytes,
+    },
+    /// Deliver to every user connection of this node.
+    Broadcast {
+        /// The frame.
+        frame: Bytes,
+    },
+    /// Count this node's connections of `user`.
+    Presence {
+        /// The user.
+        user: Box<str>,
+    },
+    /// Close this node's connections of `user` with 1008.
+    Disconnect {
+        /// The user.
+        user: Box<str>,
+    },
+}
+
+/// What the router asks the node's broker bridge to do (cluster mode). `waiter` names a
+/// waiter of the emitting core that expects one count: the sum over the other nodes.
+#[derive(Debug)]
+pub enum ClusterOut {
+    /// Subscribe to (`on`) or drop a user's or room's subject. A subscription is confirmed
+    /// with [`Msg::Subscribed`] carrying `seq`, to the emitting core.
+    Interest {
+        /// User or room.
+        kind: Kind,
+        /// Its name.
+        name: Box<str>,
+        /// Subscribe or unsubscribe.
+        on: bool,
+        /// Numbers the subscription, for the confirmation.
+        seq: u64,
+    },
+    /// Publish a request to the other nodes.
+    Request {
+        /// What to do there.
+        req: RemoteReq,
+        /// Who learns the other nodes' total (`None`: nobody counts).
+        waiter: Option<ConnKey>,
+    },
+    /// This node's count for another node's request.
+    Answer {
+        /// The bridge's token of the request.
+        token: u64,
+        /// The count.
+        n: u64,
+    },
+}
+
+/// What an owner holds until the broker confirmed a subscription (cluster mode).
+#[derive(Debug)]
+enum Held {
+    /// A registration: the welcome waits for the user's subscription.
+    Register(ConnKey),
+    /// A core's member set of a room: its join acks wait for the room's subscription.
+    RoomConfirm { core: usize, seq: u64 },
 }
 
 #[derive(Debug)]
@@ -249,6 +337,23 @@ pub enum Msg {
         /// The appearance confirmed.
         seq: u64,
     },
+    /// From the bridge to the core that asked: the subscription `seq` is confirmed by the
+    /// broker.
+    Subscribed {
+        /// User or room.
+        kind: Kind,
+        /// Its name.
+        name: Box<str>,
+        /// The subscription confirmed.
+        seq: u64,
+    },
+    /// From the bridge: another node's request, to carry out on this node only.
+    Remote {
+        /// The request.
+        req: RemoteReq,
+        /// The bridge's token when the other node counts.
+        token: Option<u64>,
+    },
     /// A count for a waiter of this core.
     Count {
         /// The waiter.
@@ -298,6 +403,8 @@ pub enum Action<C> {
     },
     /// Shutdown was asked for.
     Shutdown,
+    /// Hand this to the node's broker bridge (cluster mode only).
+    Cluster(ClusterOut),
 }
 
 /// Outcome of a `join`.
@@ -343,6 +450,11 @@ pub struct Router<C> {
     room_seq: u64,
     waiters: GenSlab<Waiter>,
     out: Vec<Action<C>>,
+    /// Cluster mode: requests also go to the other nodes through the broker.
+    cluster: bool,
+    /// Subscriptions this core asked for and the broker has not confirmed yet.
+    interest: HashMap<(Kind, Box<str>), (u64, Vec<Held>)>,
+    interest_seq: u64,
 }
 
 impl<C: Clone> Router<C> {
@@ -360,7 +472,17 @@ impl<C: Clone> Router<C> {
             room_seq: 0,
             waiters: GenSlab::new(id),
             out: Vec::new(),
+            cluster: false,
+            interest: HashMap::new(),
+            interest_seq: 0,
         }
+    }
+
+    /// Turns cluster mode on: requests also go to the other nodes (through
+    /// [`Action::Cluster`]), users and rooms are subscribed on the broker while this node
+    /// holds them, and welcomes and join acks wait for those subscriptions.
+    pub fn set_cluster(&mut self, on: bool) {
+        self.cluster = on;
     }
 
     /// This core's id.
@@ -485,6 +607,8 @@ impl<C: Clone> Router<C> {
                 seq,
             } => self.room_cores_owned(room, core, present, seq),
             Msg::RoomConfirmed { room, seq } => self.room_confirmed(&room, seq),
+            Msg::Subscribed { kind, name, seq } => self.subscribed(kind, name, seq),
+            Msg::Remote { req, token } => self.remote(req, token),
             Msg::Count { waiter, n } => self.count(waiter, n),
             Msg::Shutdown => self.out.push(Action::Shutdown),
         }
@@ -513,12 +637,24 @@ impl<C: Clone> Router<C> {
         let full = limit > 0 && self.directory.get(&user).is_some_and(|k| k.len() >= limit);
         if !full {
             let stats = &self.stats;
-            let keys = self.directory.entry(user).or_insert_with(|| {
+            let mut created = false;
+            let keys = self.directory.entry(user.clone()).or_insert_with(|| {
                 stats::add_gauge(&stats.users, 1);
+                created = true;
                 KeyList::new()
             });
             if let Err(pos) = keys.binary_search(&key) {
                 keys.insert(pos, key);
+            }
+            // Cluster mode: the first connection of the user on this node subscribes to the
+            // user's subject, and every registration waits until the broker has it.
+            if created && self.cluster {
+                self.interest_on(Kind::User, user, Held::Register(key));
+                return;
+            }
+            if let Some((_, held)) = self.interest.get_mut(&(Kind::User, user)) {
+                held.push(Held::Register(key));
+                return;
             }
         }
         if key.core() == self.id {
@@ -534,6 +670,9 @@ impl<C: Clone> Router<C> {
             if keys.is_empty() {
                 self.directory.remove(user);
                 stats::add_gauge(&self.stats.users, -1);
+                if self.cluster {
+                    self.interest_off(Kind::User, user);
+                }
             }
         }
     }
@@ -554,6 +693,23 @@ impl<C: Clone> Router<C> {
 
     /// Delivers `frame` to every connection of `to`; `reply` learns how many there were.
     pub fn send(&mut self, to: &str, frame: Bytes, reply: Option<Reply>) {
+        let reply = if self.cluster {
+            let done = self.also_to_cluster(reply.map(Done::Reply), || RemoteReq::Send {
+                user: to.into(),
+                frame: frame.clone(),
+            });
+            match done {
+                Some(Done::Reply(r)) => Some(r),
+                _ => None,
+            }
+        } else {
+            reply
+        };
+        self.send_local(to, frame, reply);
+    }
+
+    /// Delivers `frame` to every connection of `to` on this node.
+    fn send_local(&mut self, to: &str, frame: Bytes, reply: Option<Reply>) {
         let owner = self.owners.of(to);
         if owner == self.id {
             self.route_owned(to, frame, reply);
@@ -596,6 +752,9 @@ impl<C: Clone> Router<C> {
         match reply {
             Reply::Ack { conn, id } => self.deliver(conn, protocol::ack(&id, Some(n))),
             Reply::Waiter(key) => self.count_to(key, n),
+            Reply::Remote(token) => self
+                .out
+                .push(Action::Cluster(ClusterOut::Answer { token, n })),
         }
     }
 
@@ -626,7 +785,127 @@ impl<C: Clone> Router<C> {
         match done {
             Done::Ack { conn, id } => self.deliver(conn, protocol::ack(&id, Some(sum))),
             Done::Local(token) => self.out.push(Action::Answer { token, n: sum }),
+            Done::Remote(token) => self
+                .out
+                .push(Action::Cluster(ClusterOut::Answer { token, n: sum })),
             Done::Reply(reply) => self.complete(reply, sum),
+        }
+    }
+
+    // ---- cluster mode ----------------------------------------------------------------------
+
+    /// Subscribes to a user's or room's subject; `first` waits for the confirmation.
+    fn interest_on(&mut self, kind: Kind, name: Box<str>, first: Held) {
+        self.interest_seq += 1;
+        let seq = self.interest_seq;
+        self.out.push(Action::Cluster(ClusterOut::Interest {
+            kind,
+            name: name.clone(),
+            on: true,
+            seq,
+        }));
+        self.interest.insert((kind, name), (seq, vec![first]));
+    }
+
+    /// Drops a subscription. What still waited on it is moot: those connections or member
+    /// sets are gone already.
+    fn interest_off(&mut self, kind: Kind, name: &str) {
+        self.interest.remove(&(kind, Box::from(name)));
+        self.out.push(Action::Cluster(ClusterOut::Interest {
+            kind,
+            name: name.into(),
+            on: false,
+            seq: 0,
+        }));
+    }
+
+    /// The broker confirmed subscription `seq`: what waited on it goes on.
+    fn subscribed(&mut self, kind: Kind, name: Box<str>, seq: u64) {
+        let key = (kind, name);
+        match self.interest.get(&key) {
+            Some((s, _)) if *s == seq => {}
+            // An older subscription (dropped since): nothing waits on it.
+            _ => return,
+        }
+        let (_, held) = self.interest.remove(&key).expect("present");
+        for h in held {
+            self.release(&key.1, h);
+        }
+    }
+
+    fn release(&mut self, name: &str, held: Held) {
+        match held {
+            Held::Register(key) => {
+                // Still in the directory? (It may have closed while waiting.)
+                let ok = self.directory.get(name).is_some_and(|k| k.contains(&key));
+                if !ok {
+                    return;
+                }
+                if key.core() == self.id {
+                    self.on_registered(key, true);
+                } else {
+                    self.post(key.core(), Msg::Registered { key, ok: true });
+                }
+            }
+            Held::RoomConfirm { core, seq } => {
+                if core == self.id {
+                    self.room_confirmed(name, seq);
+                } else {
+                    self.post(
+                        core,
+                        Msg::RoomConfirmed {
+                            room: name.into(),
+                            seq,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Cluster mode: hands `req` to the other nodes. When `done` waits for a count, it now
+    /// waits for two: this node's (through the returned waiter) and the other nodes' total
+    /// (through the bridge). Outside cluster mode, `done` is returned as it is.
+    fn also_to_cluster(
+        &mut self,
+        done: Option<Done>,
+        req: impl FnOnce() -> RemoteReq,
+    ) -> Option<Done> {
+        if !self.cluster {
+            return done;
+        }
+        let (local, waiter) = match done {
+            Some(done) => match self.add_waiter(2, 0, done) {
+                Some(w) => (Some(Done::Reply(Reply::Waiter(w))), Some(w)),
+                // The waiter table is full: answered already.
+                None => (None, None),
+            },
+            None => (None, None),
+        };
+        self.out
+            .push(Action::Cluster(ClusterOut::Request { req: req(), waiter }));
+        local
+    }
+
+    /// Another node's request: carried out on this node only, never sent on.
+    fn remote(&mut self, req: RemoteReq, token: Option<u64>) {
+        let done = token.map(Done::Remote);
+        match req {
+            RemoteReq::Send { user, frame } => {
+                let reply = token.map(Reply::Remote);
+                self.send_local(&user, frame, reply);
+            }
+            RemoteReq::Publish { room, frame } => {
+                let local = self.publish_local(&room, &frame);
+                self.publish_remote(&room, frame, local, done);
+            }
+            RemoteReq::Broadcast { frame } => self.broadcast_cores(frame, done),
+            RemoteReq::Presence { user } => {
+                self.ask_owner_done(&user, done, |user, waiter| Msg::Presence { user, waiter })
+            }
+            RemoteReq::Disconnect { user } => {
+                self.ask_owner_done(&user, done, |user, waiter| Msg::Disconnect { user, waiter })
+            }
         }
     }
 
@@ -690,7 +969,8 @@ impl<C: Clone> Router<C> {
             LocalRoom {
                 members: IndexSet::new(),
                 seq,
-                confirmed: owner_here,
+                // In cluster mode even the owner's own set waits for the broker.
+                confirmed: owner_here && !self.cluster,
                 waiting: Vec::new(),
             }
         });
@@ -765,21 +1045,31 @@ impl<C: Clone> Router<C> {
         };
         if present {
             let set = self.owned_rooms.entry(room.clone()).or_default();
-            if set.is_empty() {
+            let created = set.is_empty();
+            if created {
                 stats::add_gauge(&self.stats.rooms, 1);
             }
             if let Err(pos) = set.binary_search(&c) {
                 set.insert(pos, c);
             }
-            // The owner's own set was confirmed at creation: no round trip.
-            if core != self.id {
-                self.post(core, Msg::RoomConfirmed { room, seq });
+            let held = Held::RoomConfirm { core, seq };
+            if created && self.cluster {
+                // The room's subject is subscribed while this node has members; the join
+                // acks wait until the broker has the subscription.
+                self.interest_on(Kind::Room, room, held);
+            } else if let Some((_, waiting)) = self.interest.get_mut(&(Kind::Room, room.clone())) {
+                waiting.push(held);
+            } else {
+                self.release(&room, held);
             }
         } else if let Some(set) = self.owned_rooms.get_mut(&room) {
             set.retain(|x| *x != c);
             if set.is_empty() {
                 self.owned_rooms.remove(&room);
                 stats::add_gauge(&self.stats.rooms, -1);
+                if self.cluster {
+                    self.interest_off(Kind::Room, &room);
+                }
             }
         }
     }
@@ -820,8 +1110,12 @@ impl<C: Clone> Router<C> {
     /// Publishes to every member of `room` on every core; `ack` names the requesting
     /// connection and its `id` when the total `delivered` must be acked.
     pub fn publish(&mut self, room: &str, frame: Bytes, ack: Option<(ConnKey, Box<RawValue>)>) {
-        let local = self.publish_local(room, &frame);
         let done = ack.map(|(conn, id)| Done::Ack { conn, id });
+        let done = self.also_to_cluster(done, || RemoteReq::Publish {
+            room: room.into(),
+            frame: frame.clone(),
+        });
+        let local = self.publish_local(room, &frame);
         self.publish_remote(room, frame, local, done);
     }
 
@@ -909,19 +1203,33 @@ impl<C: Clone> Router<C> {
 
     /// `POST /api/publish`.
     pub fn api_publish(&mut self, room: &str, frame: Bytes, token: u64) {
+        let done = self.also_to_cluster(Some(Done::Local(token)), || RemoteReq::Publish {
+            room: room.into(),
+            frame: frame.clone(),
+        });
         let local = self.publish_local(room, &frame);
-        self.publish_remote(room, frame, local, Some(Done::Local(token)));
+        self.publish_remote(room, frame, local, done);
     }
 
     /// `POST /api/broadcast`: every user connection on every core.
     pub fn api_broadcast(&mut self, frame: Bytes, token: u64) {
+        let done = self.also_to_cluster(Some(Done::Local(token)), || RemoteReq::Broadcast {
+            frame: frame.clone(),
+        });
+        self.broadcast_cores(frame, done);
+    }
+
+    /// Delivers to every user connection of every core of this node.
+    fn broadcast_cores(&mut self, frame: Bytes, done: Option<Done>) {
         let local = self.broadcast_local(&frame);
         let others = self.owners.cores() - 1;
-        let waiter = if others == 0 {
-            self.finish(Done::Local(token), local);
-            None
-        } else {
-            self.add_waiter(others, local, Done::Local(token))
+        let waiter = match done {
+            Some(done) if others == 0 => {
+                self.finish(done, local);
+                None
+            }
+            Some(done) => self.add_waiter(others, local, done),
+            None => None,
         };
         let me = self.id;
         for core in (0..self.owners.cores()).filter(|c| *c != me) {
@@ -935,16 +1243,41 @@ impl<C: Clone> Router<C> {
 
     /// `GET /api/presence/{user}`.
     pub fn api_presence(&mut self, user: &str, token: u64) {
-        self.ask_owner(user, token, |user, waiter| Msg::Presence { user, waiter });
+        let remote = |user| RemoteReq::Presence { user };
+        self.ask_owner(user, token, remote, |user, waiter| Msg::Presence {
+            user,
+            waiter,
+        });
     }
 
     /// `POST /api/disconnect`.
     pub fn api_disconnect(&mut self, user: &str, token: u64) {
-        self.ask_owner(user, token, |user, waiter| Msg::Disconnect { user, waiter });
+        let remote = |user| RemoteReq::Disconnect { user };
+        self.ask_owner(user, token, remote, |user, waiter| Msg::Disconnect {
+            user,
+            waiter,
+        });
     }
 
-    fn ask_owner(&mut self, user: &str, token: u64, msg: fn(Box<str>, ConnKey) -> Msg) {
-        if let Some(waiter) = self.add_waiter(1, 0, Done::Local(token)) {
+    fn ask_owner(
+        &mut self,
+        user: &str,
+        token: u64,
+        remote: fn(Box<str>) -> RemoteReq,
+        msg: fn(Box<str>, ConnKey) -> Msg,
+    ) {
+        let done = self.also_to_cluster(Some(Done::Local(token)), || remote(user.into()));
+        self.ask_owner_done(user, done, msg);
+    }
+
+    fn ask_owner_done(
+        &mut self,
+        user: &str,
+        done: Option<Done>,
+        msg: fn(Box<str>, ConnKey) -> Msg,
+    ) {
+        let Some(done) = done else { return };
+        if let Some(waiter) = self.add_waiter(1, 0, done) {
             // Handled here when this core owns the user (the same rules either way).
             self.on_owner_of(user, msg(user.into(), waiter));
         }

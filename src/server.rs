@@ -146,7 +146,14 @@ impl Server {
         let (senders, boxes): (Vec<_>, Vec<_>) = (0..cores)
             .map(|id| mailbox(id, limit, pressure.clone()))
             .unzip();
+        let (cluster, bridge_rx) = if config.cluster.is_empty() {
+            (None, None)
+        } else {
+            let (c, rx) = crate::cluster::shared(&config, pressure.clone());
+            (Some(Arc::new(c)), Some(rx))
+        };
         let shared = Arc::new(Shared {
+            cluster,
             config,
             cores,
             mailboxes: senders,
@@ -159,6 +166,19 @@ impl Server {
             tls,
         });
 
+        // Cluster mode: the broker bridge, on its own thread (the cores stay free of tokio).
+        if let (Some(rx), Some(cluster)) = (bridge_rx, &shared.cluster) {
+            let node = crate::cluster::Node {
+                mailboxes: shared.mailboxes.clone(),
+                owners: shared.owners,
+                pressure: shared.pressure.clone(),
+                mailbox_limit: shared.config.mailbox_limit,
+                timeout: shared.config.cluster_timeout,
+                urls: shared.config.cluster.clone(),
+                cluster: cluster.clone(),
+            };
+            crate::cluster::start(node, rx);
+        }
         let core_ids = core_affinity::get_core_ids().unwrap_or_default();
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(cores);
@@ -224,6 +244,11 @@ impl Server {
     pub fn join(self) {
         for t in self.threads {
             let _ = t.join();
+        }
+        // Cluster mode: give the bridge a moment to say goodbye (a node without connections
+        // gets here within milliseconds of the signal).
+        if let Some(c) = &self.shared.cluster {
+            c.wait_bye(Duration::from_millis(500));
         }
     }
 }
@@ -334,7 +359,10 @@ async fn run_core(
     monoio::spawn(core.clone().run_mailbox(mailbox));
     monoio::spawn(core.clone().run_sweeper());
     monoio::spawn(core.clone().run_resumer());
-    monoio::spawn(accept_loop(core.clone(), listener, cancel));
+    // The spare descriptor is opened here, before the worker reports ready, so that every
+    // descriptor of an idle gateway exists once it prints `listening on` (tests compare
+    // descriptor counts with that baseline).
+    monoio::spawn(accept_loop(core.clone(), listener, cancel, Spare::open()));
     started.store(true, Ordering::SeqCst);
     let _ = ready.send(Ok(()));
 
@@ -362,8 +390,8 @@ async fn accept_loop(
     core: Rc<Core>,
     listener: monoio::net::TcpListener,
     cancel: monoio::io::CancelHandle,
+    mut spare: Spare,
 ) {
-    let mut spare = Spare::open();
     loop {
         match listener.cancelable_accept(cancel.clone()).await {
             Ok((stream, _peer)) => {

@@ -15,17 +15,24 @@
 //! * nothing leaks: once everyone has gone, every directory, room table, waiter table and
 //!   connection slab is empty.
 //!
-//! The network of cores is a `Node`; the cluster work adds nodes beside it. Defaults: 1,500
-//! seeds of 250 steps. `WSGATE_SIM_SEEDS=N` runs more; `WSGATE_SIM_SEED=S` replays one seed and
+//! The network of cores is a `Node`. A second test runs two or three nodes in cluster mode,
+//! joined by a model of the broker bridge (`src/cluster.rs`) and of the broker: subjects with
+//! subscriptions registered when the bridge handles them, one FIFO per (publisher, subscriber,
+//! subject), probes and gathered counts; a count that can never complete is timed out as the
+//! bridge's `--cluster-timeout` would, and is an error when the system was quiet. The same
+//! invariants are checked across nodes. Defaults: 1,500 seeds of 250 steps (500 for the
+//! cluster). `WSGATE_SIM_SEEDS=N` runs more; `WSGATE_SIM_SEED=S` replays one seed and
 //! prints its trace. A failure prints the seed and the command that replays it.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use wsgate::key::ConnKey;
-use wsgate::route::{Action, Joined, Limits, Msg, Owners, Reply, Router};
+use wsgate::route::{
+    Action, ClusterOut, Joined, Kind, Limits, Msg, Owners, RemoteReq, Reply, Router,
+};
 use wsgate::stats::CoreStats;
 
 /// xorshift64*: seeded, reproducible.
@@ -62,6 +69,7 @@ enum State {
 }
 
 struct Conn {
+    node: usize,
     core: usize,
     key: ConnKey,
     user: String,
@@ -94,16 +102,58 @@ struct Expect {
     leaves: Vec<u32>,
 }
 
-/// One gateway process: its cores and the FIFO paths between them.
+/// One gateway process: its cores and the FIFO paths between them (and from its bridge).
 struct Node {
     cores: Vec<Router<H>>,
     stats: Vec<Arc<CoreStats>>,
     queues: BTreeMap<(usize, usize), VecDeque<Msg>>,
+    owners: Owners,
+    bridge: Bridge,
+}
+
+/// The `from` of the path from a node's bridge to one of its cores.
+const BRIDGE: usize = usize::MAX;
+
+/// A model of a node's broker bridge (src/cluster.rs).
+#[derive(Default)]
+struct Bridge {
+    /// What the cores handed it, in order.
+    inbox: VecDeque<(usize, ClusterOut)>,
+    /// Subscriptions in place (the model registers and confirms in one step).
+    subs: HashSet<(Kind, String)>,
+    /// Counts gathered for this node's requests: token -> (nodes to hear from, sum, waiter).
+    gathers: BTreeMap<u64, (HashSet<usize>, u64, ConnKey)>,
+    /// Other nodes' counted requests carried out here: local token -> (origin, token).
+    remote: HashMap<u64, (usize, u64)>,
+    next: u64,
+}
+
+/// What travels between nodes.
+enum Wire {
+    Req {
+        req: RemoteReq,
+        token: u64,
+    },
+    Probe {
+        kind: Kind,
+        name: String,
+        token: u64,
+    },
+    Answer {
+        token: u64,
+        n: u64,
+    },
 }
 
 struct Sim {
     rng: Rng,
-    node: Node,
+    nodes: Vec<Node>,
+    /// Which nodes subscribe to each user or room subject.
+    broker: BTreeMap<(Kind, String), BTreeSet<usize>>,
+    /// One FIFO per (publisher, subscriber, subject).
+    links: BTreeMap<(usize, usize, String), VecDeque<Wire>>,
+    /// Quiet: a count that times out is an error.
+    strict: bool,
     conns: Vec<Conn>,
     expects: Vec<Expect>,
     trace: Vec<String>,
@@ -131,25 +181,40 @@ fn payload(frame: &[u8]) -> &[u8] {
 }
 
 impl Sim {
-    fn new(seed: u64, verbose: bool) -> Sim {
+    /// A simulation of `nodes` nodes (cluster mode when more than one).
+    fn new(seed: u64, verbose: bool, nodes: usize) -> Sim {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-        let cores = 1 + rng.below(4);
-        let owners = Owners::with_keys(cores, (rng.next(), rng.next()));
         let limits = Limits {
             max_rooms_per_conn: 2,
             max_connections_per_user: 0,
         };
-        let stats: Vec<Arc<CoreStats>> = (0..cores).map(|_| Arc::default()).collect();
-        let routers = (0..cores)
-            .map(|i| Router::new(i, owners, limits, stats[i].clone()))
+        let nodes = (0..nodes.max(1))
+            .map(|_| {
+                let cores = 1 + rng.below(4);
+                let owners = Owners::with_keys(cores, (rng.next(), rng.next()));
+                let stats: Vec<Arc<CoreStats>> = (0..cores).map(|_| Arc::default()).collect();
+                let routers = (0..cores)
+                    .map(|i| {
+                        let mut r = Router::new(i, owners, limits, stats[i].clone());
+                        r.set_cluster(nodes > 1);
+                        r
+                    })
+                    .collect();
+                Node {
+                    cores: routers,
+                    stats,
+                    queues: BTreeMap::new(),
+                    owners,
+                    bridge: Bridge::default(),
+                }
+            })
             .collect();
         Sim {
             rng,
-            node: Node {
-                cores: routers,
-                stats,
-                queues: BTreeMap::new(),
-            },
+            nodes,
+            broker: BTreeMap::new(),
+            links: BTreeMap::new(),
+            strict: false,
             conns: Vec::new(),
             expects: Vec::new(),
             trace: Vec::new(),
@@ -170,13 +235,13 @@ impl Sim {
     }
 
     /// Carries out core `core`'s actions.
-    fn run(&mut self, core: usize) -> Result<(), String> {
+    fn run(&mut self, node: usize, core: usize) -> Result<(), String> {
         let mut actions = Vec::new();
-        self.node.cores[core].take_actions(&mut actions);
+        self.nodes[node].cores[core].take_actions(&mut actions);
         for a in actions {
             match a {
                 Action::Post { core: to, msg } => {
-                    self.node
+                    self.nodes[node]
                         .queues
                         .entry((core, to))
                         .or_default()
@@ -202,6 +267,12 @@ impl Sim {
                     self.answers.insert(token, n);
                 }
                 Action::Shutdown => return Err("unexpected shutdown".into()),
+                Action::Cluster(out) => {
+                    if self.nodes.len() == 1 {
+                        return Err(format!("cluster action on a single node: {out:?}"));
+                    }
+                    self.nodes[node].bridge.inbox.push_back((core, out));
+                }
             }
         }
         Ok(())
@@ -263,17 +334,28 @@ impl Sim {
             .collect()
     }
 
+    /// A random node (no draw with one node: single-node seeds replay as they always did).
+    fn pick_node(&mut self) -> usize {
+        if self.nodes.len() == 1 {
+            0
+        } else {
+            self.rng.below(self.nodes.len())
+        }
+    }
+
     fn connect(&mut self) -> Result<(), String> {
-        let core = self.rng.below(self.node.cores.len());
+        let node = self.pick_node();
+        let core = self.rng.below(self.nodes[node].cores.len());
         let user = USERS[self.rng.below(USERS.len())].to_string();
         let id = self.conns.len();
-        let key = self.node.cores[core]
+        let key = self.nodes[node].cores[core]
             .insert(Some(user.as_str().into()), H(id))
             .map_err(|_| "slab full")?;
         self.log(format!(
-            "connect conn {id} user {user} core {core} key {key}"
+            "connect conn {id} user {user} node {node} core {core} key {key}"
         ));
         self.conns.push(Conn {
+            node,
             core,
             key,
             user,
@@ -287,22 +369,22 @@ impl Sim {
             acks: HashMap::new(),
             pending_joins: HashMap::new(),
         });
-        self.node.cores[core].register(key);
-        self.run(core)
+        self.nodes[node].cores[core].register(key);
+        self.run(node, core)
     }
 
     fn close(&mut self, id: usize) -> Result<(), String> {
-        let (core, key) = (self.conns[id].core, self.conns[id].key);
+        let (node, core, key) = (self.conns[id].node, self.conns[id].core, self.conns[id].key);
         self.log(format!("close conn {id}"));
         self.conns[id].state = State::Closed;
-        if self.node.cores[core].remove(key).is_none() {
+        if self.nodes[node].cores[core].remove(key).is_none() {
             return Err(format!("removing open conn {id} found nothing"));
         }
         // A second removal with the now stale key is a no-op.
-        if self.node.cores[core].remove(key).is_some() {
+        if self.nodes[node].cores[core].remove(key).is_some() {
             return Err(format!("stale removal of conn {id} removed something"));
         }
-        self.run(core)
+        self.run(node, core)
     }
 
     fn send(&mut self, from: usize) -> Result<(), String> {
@@ -310,7 +392,7 @@ impl Sim {
         let c = &mut self.conns[from];
         let seq = c.next_seq;
         c.next_seq += 1;
-        let (core, key) = (c.core, c.key);
+        let (node, core, key) = (c.node, c.core, c.key);
         let target = format!("@{to}");
         let frame = Bytes::from(format!("m|{from}|{target}|{seq}"));
         let recipients: Vec<usize> = self
@@ -332,8 +414,8 @@ impl Sim {
             conn: key,
             id: raw(seq),
         };
-        self.node.cores[core].send(&to, frame, Some(reply));
-        self.run(core)
+        self.nodes[node].cores[core].send(&to, frame, Some(reply));
+        self.run(node, core)
     }
 
     fn join(&mut self, id: usize) -> Result<(), String> {
@@ -341,9 +423,9 @@ impl Sim {
         let c = &mut self.conns[id];
         let rid = c.next_seq;
         c.next_seq += 1;
-        let (core, key) = (c.core, c.key);
+        let (node, core, key) = (c.node, c.core, c.key);
         self.log(format!("join conn {id} {room} (req {rid})"));
-        let joined = self.node.cores[core].join(key, &room, Some(&raw(rid)));
+        let joined = self.nodes[node].cores[core].join(key, &room, Some(&raw(rid)));
         let c = &mut self.conns[id];
         match joined {
             Joined::Ok => {
@@ -356,7 +438,7 @@ impl Sim {
                 }
             }
         }
-        self.run(core)
+        self.run(node, core)
     }
 
     fn leave(&mut self, id: usize) -> Result<(), String> {
@@ -364,11 +446,11 @@ impl Sim {
         let Some(room) = self.rng.pick(&rooms).cloned() else {
             return Ok(());
         };
-        let (core, key) = (self.conns[id].core, self.conns[id].key);
+        let (node, core, key) = (self.conns[id].node, self.conns[id].core, self.conns[id].key);
         self.log(format!("leave conn {id} {room}"));
-        self.node.cores[core].leave(key, &room);
+        self.nodes[node].cores[core].leave(key, &room);
         // The held join ack (if any) went out before the leave returned.
-        self.run(core)?;
+        self.run(node, core)?;
         let c = &mut self.conns[id];
         if c.pending_joins.values().any(|r| *r == room) {
             return Err(format!(
@@ -386,7 +468,7 @@ impl Sim {
         let c = &mut self.conns[from];
         let seq = c.next_seq;
         c.next_seq += 1;
-        let (core, key) = (c.core, c.key);
+        let (node, core, key) = (c.node, c.core, c.key);
         let frame = Bytes::from(format!("m|{from}|{room}|{seq}"));
         let recipients: Vec<usize> = self
             .open()
@@ -407,49 +489,255 @@ impl Sim {
             recipients,
             leaves,
         });
-        self.node.cores[core].publish(&room, frame, Some((key, raw(seq))));
-        self.run(core)
+        self.nodes[node].cores[core].publish(&room, frame, Some((key, raw(seq))));
+        self.run(node, core)
     }
 
-    /// Hands the oldest message of one random path to its core.
+    /// Takes one step of whatever is in flight, picked at random: the oldest message of a
+    /// path between cores (or from a bridge to a core), of a bridge's inbox, or of a link
+    /// between nodes.
     fn deliver_one(&mut self) -> Result<bool, String> {
-        let paths: Vec<(usize, usize)> = self
-            .node
-            .queues
-            .iter()
-            .filter(|(_, q)| !q.is_empty())
-            .map(|(k, _)| *k)
-            .collect();
-        let Some(&(from, to)) = self.rng.pick(&paths) else {
+        enum Ev {
+            Path(usize, usize, usize),
+            Bridge(usize),
+            Link((usize, usize, String)),
+        }
+        let mut events = Vec::new();
+        for (n, node) in self.nodes.iter().enumerate() {
+            for (k, q) in &node.queues {
+                if !q.is_empty() {
+                    events.push(Ev::Path(n, k.0, k.1));
+                }
+            }
+            if !node.bridge.inbox.is_empty() {
+                events.push(Ev::Bridge(n));
+            }
+        }
+        for (k, q) in &self.links {
+            if !q.is_empty() {
+                events.push(Ev::Link(k.clone()));
+            }
+        }
+        if events.is_empty() {
             return Ok(false);
-        };
-        let msg = self
-            .node
-            .queues
-            .get_mut(&(from, to))
-            .unwrap()
-            .pop_front()
-            .unwrap();
-        self.log(format!("deliver {from}->{to}: {}", short(&msg)));
-        self.node.cores[to].handle(msg);
-        self.run(to)?;
+        }
+        let i = self.rng.below(events.len());
+        match events.swap_remove(i) {
+            Ev::Path(node, from, to) => {
+                let msg = self.nodes[node]
+                    .queues
+                    .get_mut(&(from, to))
+                    .unwrap()
+                    .pop_front()
+                    .unwrap();
+                let from = if from == BRIDGE {
+                    "bridge".to_string()
+                } else {
+                    from.to_string()
+                };
+                self.log(format!("deliver n{node} {from}->{to}: {}", short(&msg)));
+                self.nodes[node].cores[to].handle(msg);
+                self.run(node, to)?;
+            }
+            Ev::Bridge(node) => self.bridge_step(node),
+            Ev::Link(key) => self.link_step(key),
+        }
         Ok(true)
+    }
+
+    fn bridge_to_core(&mut self, node: usize, core: usize, msg: Msg) {
+        self.nodes[node]
+            .queues
+            .entry((BRIDGE, core))
+            .or_default()
+            .push_back(msg);
+    }
+
+    fn wire(&mut self, from: usize, to: usize, subject: &str, w: Wire) {
+        self.links
+            .entry((from, to, subject.to_string()))
+            .or_default()
+            .push_back(w);
+    }
+
+    /// Node `n`'s bridge handles the oldest thing its cores handed it.
+    fn bridge_step(&mut self, n: usize) {
+        let (core, out) = self.nodes[n].bridge.inbox.pop_front().unwrap();
+        self.log(format!("bridge n{n} from core {core}: {}", short_out(&out)));
+        match out {
+            ClusterOut::Interest {
+                kind,
+                name,
+                on: true,
+                seq,
+            } => {
+                let key = (kind, name.to_string());
+                self.broker.entry(key.clone()).or_default().insert(n);
+                self.nodes[n].bridge.subs.insert(key);
+                self.bridge_to_core(n, core, Msg::Subscribed { kind, name, seq });
+            }
+            ClusterOut::Interest { kind, name, .. } => {
+                let key = (kind, name.to_string());
+                if let Some(s) = self.broker.get_mut(&key) {
+                    s.remove(&n);
+                    if s.is_empty() {
+                        self.broker.remove(&key);
+                    }
+                }
+                self.nodes[n].bridge.subs.remove(&key);
+            }
+            ClusterOut::Request { req, waiter } => {
+                let b = &mut self.nodes[n].bridge;
+                let token = if waiter.is_some() {
+                    b.next += 1;
+                    b.next
+                } else {
+                    0
+                };
+                let target = match &req {
+                    RemoteReq::Send { user, .. }
+                    | RemoteReq::Presence { user }
+                    | RemoteReq::Disconnect { user } => Some((Kind::User, user.to_string())),
+                    RemoteReq::Publish { room, .. } => Some((Kind::Room, room.to_string())),
+                    RemoteReq::Broadcast { .. } => None,
+                };
+                let others: Vec<usize> = (0..self.nodes.len()).filter(|m| *m != n).collect();
+                let (subject, dests) = match &target {
+                    Some(t) => (
+                        format!("{:?}:{}", t.0, t.1),
+                        self.broker
+                            .get(t)
+                            .map(|s| s.iter().copied().filter(|m| *m != n).collect())
+                            .unwrap_or_default(),
+                    ),
+                    None => ("b".to_string(), others.clone()),
+                };
+                for m in dests {
+                    let w = Wire::Req {
+                        req: req.clone(),
+                        token,
+                    };
+                    self.wire(n, m, &subject, w);
+                }
+                let Some(waiter) = waiter else { return };
+                if let Some((kind, name)) = target {
+                    for m in &others {
+                        let w = Wire::Probe {
+                            kind,
+                            name: name.clone(),
+                            token,
+                        };
+                        self.wire(n, *m, "q", w);
+                    }
+                }
+                let waiting: HashSet<usize> = others.into_iter().collect();
+                self.nodes[n]
+                    .bridge
+                    .gathers
+                    .insert(token, (waiting, 0, waiter));
+            }
+            ClusterOut::Answer { token, n: count } => {
+                if let Some((origin, t)) = self.nodes[n].bridge.remote.remove(&token) {
+                    let w = Wire::Answer { token: t, n: count };
+                    self.wire(n, origin, "n", w);
+                }
+            }
+        }
+    }
+
+    /// The oldest message of one link reaches its node's bridge.
+    fn link_step(&mut self, key: (usize, usize, String)) {
+        let (from, to) = (key.0, key.1);
+        let w = self.links.get_mut(&key).unwrap().pop_front().unwrap();
+        match w {
+            Wire::Req { req, token } => {
+                self.log(format!(
+                    "link n{from}->n{to} {}: {req:?} token {token}",
+                    key.2
+                ));
+                let b = &mut self.nodes[to].bridge;
+                let local = (token != 0).then(|| {
+                    b.next += 1;
+                    b.remote.insert(b.next, (from, token));
+                    b.next
+                });
+                let owners = self.nodes[to].owners;
+                let core = match &req {
+                    RemoteReq::Broadcast { .. } => 0,
+                    RemoteReq::Send { user, .. }
+                    | RemoteReq::Presence { user }
+                    | RemoteReq::Disconnect { user } => owners.of(user),
+                    RemoteReq::Publish { room, .. } => owners.of(room),
+                };
+                self.bridge_to_core(to, core, Msg::Remote { req, token: local });
+            }
+            Wire::Probe { kind, name, token } => {
+                let holder = self.nodes[to].bridge.subs.contains(&(kind, name.clone()));
+                self.log(format!(
+                    "link n{from}->n{to} probe {kind:?}:{name} token {token} holder {holder}"
+                ));
+                if !holder {
+                    self.wire(to, from, "n", Wire::Answer { token, n: 0 });
+                }
+            }
+            Wire::Answer { token, n } => {
+                self.log(format!("link n{from}->n{to} answer token {token}: {n}"));
+                let b = &mut self.nodes[to].bridge;
+                let Some(g) = b.gathers.get_mut(&token) else {
+                    return;
+                };
+                if !g.0.remove(&from) {
+                    return;
+                }
+                g.1 += n;
+                if g.0.is_empty() {
+                    let (_, sum, waiter) = b.gathers.remove(&token).unwrap();
+                    self.bridge_to_core(to, waiter.core(), Msg::Count { waiter, n: sum });
+                }
+            }
+        }
     }
 
     fn drain(&mut self) -> Result<(), String> {
         let mut steps = 0;
-        while self.deliver_one()? {
-            steps += 1;
-            if steps > 1_000_000 {
-                return Err("messages never stop flowing".into());
+        loop {
+            while self.deliver_one()? {
+                steps += 1;
+                if steps > 1_000_000 {
+                    return Err("messages never stop flowing".into());
+                }
+            }
+            // Nothing moves: counts still gathering wait for answers that will never come
+            // (a subscription raced the request); the bridge's timeout settles them.
+            let mut stuck = Vec::new();
+            for (n, node) in self.nodes.iter_mut().enumerate() {
+                for (_, (_, sum, waiter)) in std::mem::take(&mut node.bridge.gathers) {
+                    stuck.push((n, sum, waiter));
+                }
+            }
+            if stuck.is_empty() {
+                return Ok(());
+            }
+            if self.strict {
+                return Err(format!("a count of a quiet system timed out: {stuck:?}"));
+            }
+            for (n, sum, waiter) in stuck {
+                self.log(format!("timeout n{n}: waiter {waiter} gets {sum}"));
+                self.bridge_to_core(n, waiter.core(), Msg::Count { waiter, n: sum });
             }
         }
-        Ok(())
     }
 
     /// With nothing in flight, counts must be exact.
     fn quiet_checks(&mut self) -> Result<(), String> {
         self.drain()?;
+        self.strict = true;
+        let r = self.quiet_checks_strict();
+        self.strict = false;
+        r
+    }
+
+    fn quiet_checks_strict(&mut self) -> Result<(), String> {
         for c in self.conns.iter().filter(|c| c.state != State::Closed) {
             if c.state == State::Connecting {
                 return Err(format!("conn of {} still unregistered when quiet", c.user));
@@ -468,11 +756,12 @@ impl Sim {
                 .iter()
                 .filter(|i| self.conns[**i].user == user)
                 .count();
-            let core = self.rng.below(self.node.cores.len());
+            let node = self.pick_node();
+            let core = self.rng.below(self.nodes[node].cores.len());
             let token = self.next_token;
             self.next_token += 1;
-            self.node.cores[core].api_presence(user, token);
-            self.run(core)?;
+            self.nodes[node].cores[core].api_presence(user, token);
+            self.run(node, core)?;
             self.drain()?;
             let got = self
                 .answers
@@ -511,22 +800,32 @@ impl Sim {
                 ));
             }
         }
-        // Gauges: users and rooms counted once each, on their owners.
-        let users: HashSet<&str> = self
+        // Gauges: users and rooms counted once each per node, on their owners.
+        let users: HashSet<(usize, &str)> = self
             .live()
             .iter()
-            .map(|i| self.conns[*i].user.as_str())
+            .map(|i| (self.conns[*i].node, self.conns[*i].user.as_str()))
             .collect();
-        let gauge =
-            |f: fn(&CoreStats) -> i64| -> i64 { self.node.stats.iter().map(|s| f(s)).sum() };
+        let gauge = |f: fn(&CoreStats) -> i64| -> i64 {
+            self.nodes
+                .iter()
+                .flat_map(|n| n.stats.iter())
+                .map(|s| f(s))
+                .sum()
+        };
         let got_users = gauge(|s| s.users.load(std::sync::atomic::Ordering::Relaxed));
         if got_users != users.len() as i64 {
             return Err(format!("users gauge {got_users}, want {}", users.len()));
         }
-        let rooms: HashSet<&String> = self
+        let rooms: HashSet<(usize, &String)> = self
             .open()
             .iter()
-            .flat_map(|i| self.conns[*i].joined.iter())
+            .flat_map(|i| {
+                self.conns[*i]
+                    .joined
+                    .iter()
+                    .map(|r| (self.conns[*i].node, r))
+            })
             .collect();
         let got_rooms = gauge(|s| s.rooms.load(std::sync::atomic::Ordering::Relaxed));
         if got_rooms != rooms.len() as i64 {
@@ -548,15 +847,17 @@ impl Sim {
             18..=21 => match self.rng.pick(&open) {
                 Some(&id) => {
                     let user = self.conns[id].user.clone();
-                    let core = self.rng.below(self.node.cores.len());
+                    let node = self.pick_node();
+                    let core = self.rng.below(self.nodes[node].cores.len());
                     let nid = self.conns.len();
-                    let key = self.node.cores[core]
+                    let key = self.nodes[node].cores[core]
                         .insert(Some(user.as_str().into()), H(nid))
                         .unwrap();
                     self.log(format!(
-                        "reconnect conn {id} as {nid} user {user} core {core}"
+                        "reconnect conn {id} as {nid} user {user} node {node} core {core}"
                     ));
                     self.conns.push(Conn {
+                        node,
                         core,
                         key,
                         user,
@@ -570,8 +871,8 @@ impl Sim {
                         acks: HashMap::new(),
                         pending_joins: HashMap::new(),
                     });
-                    self.node.cores[core].register(key);
-                    self.run(core)?;
+                    self.nodes[node].cores[core].register(key);
+                    self.run(node, core)?;
                     self.close(id)
                 }
                 None => Ok(()),
@@ -624,7 +925,31 @@ impl Sim {
             self.close(id)?;
         }
         self.drain()?;
-        for (i, r) in self.node.cores.iter().enumerate() {
+        for (n, node) in self.nodes.iter().enumerate() {
+            let b = &node.bridge;
+            if !b.subs.is_empty() || !b.gathers.is_empty() || !b.remote.is_empty() {
+                return Err(format!(
+                    "node {n}'s bridge leaks: subscriptions {:?}, {} gathers, {} remote requests",
+                    b.subs,
+                    b.gathers.len(),
+                    b.remote.len()
+                ));
+            }
+        }
+        if !self.broker.is_empty() {
+            return Err(format!(
+                "subscriptions left on the broker: {:?}",
+                self.broker
+            ));
+        }
+        for (n, node) in self.nodes.iter().enumerate() {
+            self.leaks(n, node)?;
+        }
+        Ok(())
+    }
+
+    fn leaks(&self, n: usize, node: &Node) -> Result<(), String> {
+        for (i, r) in node.cores.iter().enumerate() {
             let leaks = [
                 ("connections", r.conns().len()),
                 ("directory entries", r.directory_len()),
@@ -632,21 +957,25 @@ impl Sim {
                 ("owned rooms", r.owned_room_count()),
                 ("waiters", r.waiter_count()),
             ];
-            for (what, n) in leaks {
-                if n != 0 {
-                    return Err(format!("core {i} leaks {n} {what} after everyone left"));
+            for (what, c) in leaks {
+                if c != 0 {
+                    return Err(format!(
+                        "node {n} core {i} leaks {c} {what} after everyone left"
+                    ));
                 }
             }
-            let s = &self.node.stats[i];
+            let s = &node.stats[i];
             let relaxed = std::sync::atomic::Ordering::Relaxed;
             let gauges = [
                 ("users", s.users.load(relaxed)),
                 ("rooms", s.rooms.load(relaxed)),
                 ("local_rooms", s.local_rooms.load(relaxed)),
             ];
-            for (what, n) in gauges {
-                if n != 0 {
-                    return Err(format!("core {i}: gauge {what} is {n} after everyone left"));
+            for (what, c) in gauges {
+                if c != 0 {
+                    return Err(format!(
+                        "node {n} core {i}: gauge {what} is {c} after everyone left"
+                    ));
                 }
             }
         }
@@ -659,8 +988,13 @@ fn short(msg: &Msg) -> String {
     s.chars().take(120).collect()
 }
 
-fn run_seed(seed: u64, steps: usize, verbose: bool) -> Result<(), String> {
-    let mut sim = Sim::new(seed, verbose);
+fn short_out(out: &ClusterOut) -> String {
+    let s = format!("{out:?}");
+    s.chars().take(120).collect()
+}
+
+fn run_seed(seed: u64, steps: usize, verbose: bool, nodes: usize) -> Result<(), String> {
+    let mut sim = Sim::new(seed, verbose, nodes);
     let result = (|| {
         for _ in 0..steps {
             sim.step()?;
@@ -669,8 +1003,8 @@ fn run_seed(seed: u64, steps: usize, verbose: bool) -> Result<(), String> {
     })();
     result.map_err(|e| {
         format!(
-            "seed {seed} ({} cores) failed: {e}\nlast events:\n  {}\nreplay: WSGATE_SIM_SEED={seed} cargo test --test route_sim -- --nocapture",
-            sim.node.cores.len(),
+            "seed {seed} ({nodes} node(s), cores {:?}) failed: {e}\nlast events:\n  {}\nreplay: WSGATE_SIM_SEED={seed} cargo test --test route_sim -- --nocapture",
+            sim.nodes.iter().map(|n| n.cores.len()).collect::<Vec<_>>(),
             sim.trace.join("\n  ")
         )
     })
@@ -680,7 +1014,7 @@ fn run_seed(seed: u64, steps: usize, verbose: bool) -> Result<(), String> {
 fn routing_invariants_hold_under_every_interleaving() {
     if let Ok(seed) = std::env::var("WSGATE_SIM_SEED") {
         let seed: u64 = seed.parse().expect("WSGATE_SIM_SEED is a number");
-        if let Err(e) = run_seed(seed, 250, true) {
+        if let Err(e) = run_seed(seed, 250, true, 1) {
             panic!("{e}");
         }
         return;
@@ -690,8 +1024,34 @@ fn routing_invariants_hold_under_every_interleaving() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_500);
     for seed in 0..seeds {
-        if let Err(e) = run_seed(seed, 250, false) {
+        if let Err(e) = run_seed(seed, 250, false, 1) {
             panic!("{e}");
+        }
+    }
+}
+
+/// Two or three nodes in cluster mode (the seed picks), joined by the bridge and broker
+/// model. `WSGATE_SIM_CLUSTER_SEED=S` replays one seed with its trace.
+#[test]
+fn cluster_invariants_hold_under_every_interleaving() {
+    let nodes = |seed: u64| 2 + (seed % 2) as usize;
+    if let Ok(seed) = std::env::var("WSGATE_SIM_CLUSTER_SEED") {
+        let seed: u64 = seed.parse().expect("WSGATE_SIM_CLUSTER_SEED is a number");
+        if let Err(e) = run_seed(seed, 250, true, nodes(seed)) {
+            panic!("{e}");
+        }
+        return;
+    }
+    let seeds: u64 = std::env::var("WSGATE_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(500, |n| n / 3);
+    for seed in 0..seeds {
+        if let Err(e) = run_seed(seed, 250, false, nodes(seed)) {
+            panic!(
+                "{}",
+                e.replace("WSGATE_SIM_SEED", "WSGATE_SIM_CLUSTER_SEED")
+            );
         }
     }
 }

@@ -1,0 +1,997 @@
+//! Cluster mode over NATS: the bridge between this node's cores and the broker.
+//!
+//! One thread per node owns the broker client (`async-nats` on a current-thread tokio
+//! runtime); the cores never touch tokio. Cores hand it what must leave the node through
+//! `ClusterShared::submit`: a tokio channel whose *requests* are counted. Past half of
+//! [`QUEUE_LIMIT`] the node's backpressure signal turns on (every core stops reading from
+//! clients, the sources of requests) until the bridge has worked the queue down to a
+//! quarter; past the limit itself a request is dropped, counted, and its count answered 0
+//! at once. A core never blocks. The bridge hands what arrives to the right core's
+//! mailbox (the user's or room's owner core, so one sender's messages stay in order), with
+//! the mailboxes' usual backpressure.
+//!
+//! # Subjects
+//!
+//! Every subject starts with the prefix (`--cluster-prefix`, default `wsgate`), so a cluster
+//! needs broker permissions on `PREFIX.>` only:
+//!
+//! | subject | who subscribes | what travels |
+//! | --- | --- | --- |
+//! | `PREFIX.u.<hex(user)>` | nodes holding a connection of the user | send, presence, disconnect |
+//! | `PREFIX.r.<hex(room)>` | nodes holding a member of the room | publish |
+//! | `PREFIX.b` | every node | broadcast |
+//! | `PREFIX.q` | every node | count probes (below) |
+//! | `PREFIX.hb` | every node | heartbeats, once a second; hello (answered at once by a heartbeat) on (re)connecting; goodbye on shutdown |
+//! | `PREFIX.n.<hex(node)>` | that node | answers to its counted requests |
+//! | `PREFIX.sync.<hex(node)>` | nobody | round trips (the server answers "no responders") |
+//! | `PREFIX._INBOX.>` | (the client's inbox prefix; unused so far) | |
+//!
+//! Names are hex-encoded bytes: any id is a single subject token of `0-9a-f` (`.`, `*`, `>`,
+//! `:` and `@` included), and two different ids never share a subject.
+//!
+//! # Messages
+//!
+//! One binary header, then the body: the WebSocket frame exactly as the origin encoded it
+//! (encoded once, delivered as is). Header: kind (1 byte), token (u64 LE, 0 when nobody
+//! counts), origin node (u8 length + bytes), name (u16 LE length + bytes). The client is
+//! connected with `no_echo`: a node never receives what it published.
+//!
+//! # Counts
+//!
+//! A counted request (an ack'd `send`/`publish`, every API call) waits on its core for two
+//! counts: the node's own, and the other nodes' total, which the bridge gathers. The bridge
+//! expects an answer from every *live* node (one heard from on `PREFIX.hb` within
+//! [`LIVE_FOR`]): nodes holding the target answer through the request itself (after their
+//! cores counted), and the others answer a *probe* published on `PREFIX.q` right after the
+//! request: a node that is not subscribed to the target answers it with 0 at once, one that
+//! is subscribed (and had the subscription confirmed) leaves it to the request, which reached
+//! it first: the broker delivers one publisher's messages in order. The gather ends when every expected node has
+//! answered, when a node stops being live, or at `--cluster-timeout` (then the missing
+//! nodes are left out and counted in `wsgate_cluster_missing_answers_total`). So an ack costs
+//! one broker round trip, not a fixed quiet window. With the broker down, requests are not
+//! published and their remote count is 0 at once.
+//!
+//! # Subscriptions and "routable at welcome"
+//!
+//! A user's owner core asks for the user's subscription when the node's first connection of
+//! the user registers, and drops it when the last one leaves (rooms: when the node's first
+//! member joins / last member leaves). The bridge subscribes, makes one round trip through
+//! the server (`Bridge::round_trip`) and confirms to the core, which only then welcomes
+//! the connection (or acks the join).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::key::ConnKey;
+use crate::mailbox::{self, MailboxSender, Pressure, Reason};
+use crate::route::{ClusterOut, Kind, Msg, Owners, RemoteReq};
+
+/// What the bridge needs of the node: the cores' mailboxes and who owns what.
+pub(crate) struct Node {
+    /// Each core's mailbox.
+    pub mailboxes: Vec<MailboxSender<Msg>>,
+    /// The owner core of a user or room.
+    pub owners: Owners,
+    /// The gateway-wide backpressure signal.
+    pub pressure: Arc<Pressure>,
+    /// `--mailbox-limit`.
+    pub mailbox_limit: usize,
+    /// `--cluster-timeout`.
+    pub timeout: Duration,
+    /// `--cluster`.
+    pub urls: Vec<String>,
+    /// What the cores and the HTTP side share with the bridge.
+    pub cluster: Arc<ClusterShared>,
+}
+
+/// Requests queued from the cores to the bridge beyond which new ones are dropped (counted).
+pub const QUEUE_LIMIT: usize = 65536;
+/// Heartbeat period.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node is live while it was heard from within this.
+pub const LIVE_FOR: Duration = Duration::from_secs(3);
+
+const SEND: u8 = 1;
+const PUBLISH: u8 = 2;
+const BROADCAST: u8 = 3;
+const PRESENCE: u8 = 4;
+const DISCONNECT: u8 = 5;
+const PROBE: u8 = 6;
+const ANSWER: u8 = 7;
+const HEARTBEAT_KIND: u8 = 8;
+const BYE: u8 = 9;
+/// A heartbeat that asks every node for theirs at once (sent on (re)connecting).
+const HELLO: u8 = 10;
+
+/// What the cores and the HTTP side share with the bridge.
+pub(crate) struct ClusterShared {
+    /// This node's id.
+    pub node: String,
+    /// The subject prefix.
+    pub prefix: String,
+    tx: mpsc::UnboundedSender<(usize, ClusterOut)>,
+    depth: AtomicUsize,
+    /// Connected to the broker now.
+    pub connected: AtomicBool,
+    /// Live nodes, this one included, sorted.
+    pub nodes: Mutex<Vec<String>>,
+    /// Messages published to the broker.
+    pub to_broker: AtomicU64,
+    /// Messages received from the broker.
+    pub from_broker: AtomicU64,
+    /// Reconnections to the broker after a loss.
+    pub reconnects: AtomicU64,
+    /// Answers that came after their count was settled.
+    pub late_answers: AtomicU64,
+    /// Nodes left out of a count (no answer in time).
+    pub missing_answers: AtomicU64,
+    /// Requests dropped because the bridge's queue was full.
+    pub dropped: AtomicU64,
+    /// The node is shutting down: it says goodbye, and stops its heartbeats.
+    pub leaving: AtomicBool,
+    /// The goodbye is out (or there is no broker to say it to).
+    bye_sent: AtomicBool,
+    /// The node's backpressure signal.
+    pressure: Arc<Pressure>,
+}
+
+impl ClusterShared {
+    /// From a core: hands `out` to the bridge. A request is given back when the queue is
+    /// full (its count must then be settled by the caller).
+    pub fn submit(&self, core: usize, out: ClusterOut) -> Result<(), ClusterOut> {
+        let request = matches!(out, ClusterOut::Request { .. });
+        if request {
+            if self.depth.load(Relaxed) >= QUEUE_LIMIT {
+                self.dropped.fetch_add(1, Relaxed);
+                return Err(out);
+            }
+            let depth = self.depth.fetch_add(1, Relaxed) + 1;
+            if depth > QUEUE_LIMIT / 2 && !self.pressure.has(0, Reason::Bridge) {
+                self.pressure.set(0, Reason::Bridge, true);
+            }
+        }
+        self.tx.send((core, out)).map_err(|e| {
+            if request {
+                self.depth.fetch_sub(1, Relaxed);
+            }
+            e.0 .1
+        })
+    }
+
+    /// The bridge took a request off the queue; at a quarter of the bound the backpressure
+    /// it caused ends.
+    fn taken(&self) {
+        let left = self.depth.fetch_sub(1, Relaxed).saturating_sub(1);
+        if left <= QUEUE_LIMIT / 4 {
+            self.settle();
+        }
+    }
+
+    /// Turns the bridge's backpressure off when the queue is low (also checked every tick:
+    /// a core may turn it on just after the bridge's last look).
+    fn settle(&self) {
+        if self.pressure.has(0, Reason::Bridge) && self.depth.load(Relaxed) <= QUEUE_LIMIT / 4 {
+            self.pressure.set(0, Reason::Bridge, false);
+        }
+    }
+
+    /// At exit: waits (bounded) until the bridge has said goodbye.
+    pub fn wait_bye(&self, within: Duration) {
+        let end = Instant::now() + within;
+        while !self.bye_sent.load(Relaxed) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `/api/stats`'s `cluster` object.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "node": self.node,
+            "broker": "nats",
+            "connected": self.connected.load(Relaxed),
+            "nodes": *self.nodes.lock().unwrap(),
+        })
+    }
+}
+
+/// Creates the shared state and the bridge's receiving end.
+pub(crate) fn shared(
+    config: &crate::Config,
+    pressure: Arc<Pressure>,
+) -> (ClusterShared, mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let node = config.node_name();
+    let shared = ClusterShared {
+        nodes: Mutex::new(vec![node.clone()]),
+        node,
+        prefix: config.cluster_prefix.clone(),
+        tx,
+        depth: AtomicUsize::new(0),
+        connected: AtomicBool::new(false),
+        to_broker: AtomicU64::new(0),
+        from_broker: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        late_answers: AtomicU64::new(0),
+        missing_answers: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+        leaving: AtomicBool::new(false),
+        bye_sent: AtomicBool::new(false),
+        pressure,
+    };
+    (shared, rx)
+}
+
+/// A name as one subject token: its bytes in lowercase hex.
+pub fn encode_name(name: &str) -> String {
+    let mut s = String::with_capacity(name.len() * 2);
+    for b in name.bytes() {
+        s.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        s.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// The subject of a user or a room.
+pub fn subject(prefix: &str, kind: Kind, name: &str) -> String {
+    let k = match kind {
+        Kind::User => 'u',
+        Kind::Room => 'r',
+    };
+    format!("{prefix}.{k}.{}", encode_name(name))
+}
+
+/// A decoded broker message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Wire<'a> {
+    /// What it is.
+    pub kind: u8,
+    /// The origin's token (0: not counted).
+    pub token: u64,
+    /// The node that sent it.
+    pub origin: &'a str,
+    /// The user or room (empty when none).
+    pub name: &'a str,
+    /// Offset of the body in the payload.
+    pub body: usize,
+}
+
+/// Encodes a header and body.
+pub fn encode(kind: u8, token: u64, origin: &str, name: &str, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(1 + 8 + 1 + origin.len() + 2 + name.len() + body.len());
+    b.put_u8(kind);
+    b.put_u64_le(token);
+    b.put_u8(origin.len().min(255) as u8);
+    b.put_slice(&origin.as_bytes()[..origin.len().min(255)]);
+    b.put_u16_le(name.len().min(65535) as u16);
+    b.put_slice(&name.as_bytes()[..name.len().min(65535)]);
+    b.put_slice(body);
+    b.freeze()
+}
+
+/// Decodes a header; `None` for anything malformed (ignored, never trusted).
+pub fn decode(p: &[u8]) -> Option<Wire<'_>> {
+    let kind = *p.first()?;
+    let token = u64::from_le_bytes(p.get(1..9)?.try_into().ok()?);
+    let olen = usize::from(*p.get(9)?);
+    let origin = std::str::from_utf8(p.get(10..10 + olen)?).ok()?;
+    let at = 10 + olen;
+    let nlen = usize::from(u16::from_le_bytes(p.get(at..at + 2)?.try_into().ok()?));
+    let name = std::str::from_utf8(p.get(at + 2..at + 2 + nlen)?).ok()?;
+    Some(Wire {
+        kind,
+        token,
+        origin,
+        name,
+        body: at + 2 + nlen,
+    })
+}
+
+/// Starts the bridge thread. It lives as long as the process; a panic in it aborts the
+/// process, like a worker's (a node cut off from its cluster must not look healthy).
+pub(crate) fn start(shared: Node, rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
+    std::thread::Builder::new()
+        .name("wsgate-cluster".into())
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime for the cluster bridge");
+                rt.block_on(run(shared, rx));
+            }));
+            if outcome.is_err() {
+                eprintln!("wsgate: the cluster bridge panicked; aborting");
+                std::process::abort();
+            }
+        })
+        .expect("spawn the cluster bridge");
+}
+
+/// `%XX` escapes of a URL's user or password decoded (anything malformed kept as is).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| char::from(c).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|c| hex(*c)),
+            b.get(i + 2).and_then(|c| hex(*c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+struct Gather {
+    waiting: HashSet<String>,
+    sum: u64,
+    deadline: Instant,
+    waiter: ConnKey,
+}
+
+struct Bridge {
+    shared: Node,
+    client: async_nats::Client,
+    me: String,
+    prefix: String,
+    /// This node's user and room subscriptions: the forwarding task, and whether the
+    /// broker confirmed it (a round trip returned after it).
+    subs: HashMap<(Kind, Box<str>), (tokio::task::JoinHandle<()>, bool)>,
+    confirms: Vec<(usize, Kind, Box<str>, u64)>,
+    pending: HashMap<u64, Gather>,
+    next_token: u64,
+    /// Counted requests from other nodes being carried out here: local token -> origin's.
+    remote: HashMap<u64, (String, u64)>,
+    next_local: u64,
+    last_seen: HashMap<String, Instant>,
+    connected: bool,
+    ever_connected: bool,
+    said_bye: bool,
+    /// A node said hello: answer with a heartbeat now.
+    answer_hello: bool,
+    /// When a duplicate node id was last reported.
+    duplicate_warned: Option<Instant>,
+    in_tx: mpsc::Sender<async_nats::Message>,
+    /// Messages for each core, sent as one batch per drain.
+    batches: Vec<Vec<Msg>>,
+}
+
+async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
+    let me = shared.cluster.node.clone();
+    let prefix = shared.cluster.prefix.clone();
+    let addrs: Vec<async_nats::ServerAddr> = shared
+        .urls
+        .iter()
+        .filter_map(|u| match u.trim().parse() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::error!(url = %u, error = %e, "bad --cluster URL");
+                None
+            }
+        })
+        .collect();
+    // async-nats does not take credentials from the URLs itself: the first URL with some
+    // gives them (`nats://user:pass@host`, or `nats://token@host`).
+    let creds = addrs.iter().find(|a| a.has_user_pass()).map(|a| {
+        (
+            percent_decode(a.username().unwrap_or_default()),
+            a.password().map(percent_decode),
+        )
+    });
+    let client = loop {
+        let mut opts = async_nats::ConnectOptions::new();
+        opts = match creds.clone() {
+            Some((user, Some(pass))) => opts.user_and_password(user, pass),
+            Some((token, None)) => opts.token(token),
+            None => opts,
+        };
+        let opts = opts
+            .name(format!("wsgate {me}"))
+            .no_echo()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            // At most a second between attempts: delivery resumes within seconds of the
+            // broker's return.
+            .reconnect_delay_callback(|n| Duration::from_millis((n as u64 * 100).min(1000)))
+            .connection_timeout(Duration::from_secs(2))
+            .custom_inbox_prefix(format!("{prefix}._INBOX"))
+            .subscription_capacity(1 << 16)
+            .client_capacity(1 << 12);
+        match opts.connect(addrs.clone()).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the broker client; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let (in_tx, mut in_rx) = mpsc::channel(1 << 16);
+    let mut b = Bridge {
+        batches: (0..shared.mailboxes.len()).map(|_| Vec::new()).collect(),
+        shared,
+        client,
+        me: me.clone(),
+        prefix: prefix.clone(),
+        subs: HashMap::new(),
+        confirms: Vec::new(),
+        pending: HashMap::new(),
+        // Not 1: answers still in flight for a previous process with the same --node-id must
+        // not match this one's requests.
+        next_token: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+        remote: HashMap::new(),
+        next_local: 1,
+        last_seen: HashMap::new(),
+        connected: false,
+        ever_connected: false,
+        said_bye: false,
+        answer_hello: false,
+        duplicate_warned: None,
+        in_tx,
+    };
+    for s in [
+        format!("{prefix}.b"),
+        format!("{prefix}.q"),
+        format!("{prefix}.hb"),
+        format!("{prefix}.n.{}", encode_name(&me)),
+    ] {
+        b.subscribe(s).await;
+    }
+    tracing::info!(node = %me, %prefix, "cluster bridge started");
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut hb = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some((core, out)) = cmd else { return };
+                b.command(core, out).await;
+                for _ in 0..1024 {
+                    match rx.try_recv() {
+                        Ok((core, out)) => b.command(core, out).await,
+                        Err(_) => break,
+                    }
+                }
+                b.confirm().await;
+                b.flush_batches();
+            }
+            msg = in_rx.recv() => {
+                let Some(msg) = msg else { return };
+                b.incoming(msg).await;
+                for _ in 0..1024 {
+                    match in_rx.try_recv() {
+                        Ok(msg) => b.incoming(msg).await,
+                        Err(_) => break,
+                    }
+                }
+                b.flush_batches();
+                if std::mem::take(&mut b.answer_hello) {
+                    b.heartbeat(HEARTBEAT_KIND).await;
+                }
+            }
+            _ = tick.tick() => {
+                if b.tick() {
+                    // Just (re)connected: tell the others, and ask for their heartbeats.
+                    b.heartbeat(HELLO).await;
+                } else if b.cs().leaving.load(Relaxed) && !b.said_bye {
+                    b.heartbeat(HEARTBEAT_KIND).await;
+                }
+                b.flush_batches();
+            }
+            _ = hb.tick() => b.heartbeat(HEARTBEAT_KIND).await,
+        }
+    }
+}
+
+impl Bridge {
+    fn cs(&self) -> &ClusterShared {
+        &self.shared.cluster
+    }
+
+    /// Subscribes and forwards every message to the bridge's loop.
+    async fn subscribe(&mut self, subject: String) -> Option<tokio::task::JoinHandle<()>> {
+        match self.client.subscribe(subject.clone()).await {
+            Ok(mut sub) => {
+                let tx = self.in_tx.clone();
+                Some(tokio::spawn(async move {
+                    while let Some(m) = sub.next().await {
+                        if tx.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "subscribe failed");
+                None
+            }
+        }
+    }
+
+    async fn publish(&self, subject: String, payload: Bytes) -> bool {
+        if !self.connected {
+            return false;
+        }
+        match self.client.publish(subject, payload).await {
+            Ok(()) => {
+                self.cs().to_broker.fetch_add(1, Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "publish failed");
+                false
+            }
+        }
+    }
+
+    fn hand_to_core(&mut self, core: usize, msg: Msg) {
+        self.batches[core].push(msg);
+    }
+
+    fn flush_batches(&mut self) {
+        let limit = self.shared.mailbox_limit;
+        for (core, batch) in self.batches.iter_mut().enumerate() {
+            if !batch.is_empty() {
+                mailbox::send_bounded(
+                    core,
+                    &self.shared.mailboxes[core],
+                    std::mem::take(batch),
+                    limit,
+                    &self.shared.pressure,
+                );
+            }
+        }
+    }
+
+    async fn command(&mut self, core: usize, out: ClusterOut) {
+        match out {
+            ClusterOut::Interest {
+                kind,
+                name,
+                on: true,
+                seq,
+            } => {
+                let key = (kind, name.clone());
+                if !self.subs.contains_key(&key) {
+                    let subject = subject(&self.prefix, kind, &name);
+                    if let Some(h) = self.subscribe(subject).await {
+                        self.subs.insert(key, (h, false));
+                    }
+                }
+                self.confirms.push((core, kind, name, seq));
+            }
+            ClusterOut::Interest { kind, name, .. } => {
+                if let Some((h, _)) = self.subs.remove(&(kind, name)) {
+                    // Dropping the subscriber unsubscribes.
+                    h.abort();
+                }
+            }
+            ClusterOut::Request { req, waiter } => {
+                self.cs().taken();
+                self.request(req, waiter).await;
+            }
+            ClusterOut::Answer { token, n } => {
+                if let Some((origin, t)) = self.remote.remove(&token) {
+                    let p = encode(ANSWER, t, &self.me, "", &n.to_le_bytes());
+                    let s = format!("{}.n.{}", self.prefix, encode_name(&origin));
+                    self.publish(s, p).await;
+                }
+            }
+        }
+    }
+
+    async fn request(&mut self, req: RemoteReq, waiter: Option<ConnKey>) {
+        let token = if waiter.is_some() {
+            self.next_token = self.next_token.wrapping_add(1).max(1);
+            self.next_token
+        } else {
+            0
+        };
+        let (kind, target, subject, body): (u8, Option<(Kind, &str)>, String, &[u8]) = match &req {
+            RemoteReq::Send { user, frame } => (
+                SEND,
+                Some((Kind::User, user)),
+                subject(&self.prefix, Kind::User, user),
+                frame,
+            ),
+            RemoteReq::Publish { room, frame } => (
+                PUBLISH,
+                Some((Kind::Room, room)),
+                subject(&self.prefix, Kind::Room, room),
+                frame,
+            ),
+            RemoteReq::Broadcast { frame } => {
+                (BROADCAST, None, format!("{}.b", self.prefix), frame)
+            }
+            RemoteReq::Presence { user } => (
+                PRESENCE,
+                Some((Kind::User, user)),
+                subject(&self.prefix, Kind::User, user),
+                &[],
+            ),
+            RemoteReq::Disconnect { user } => (
+                DISCONNECT,
+                Some((Kind::User, user)),
+                subject(&self.prefix, Kind::User, user),
+                &[],
+            ),
+        };
+        let name = target.map_or("", |t| t.1);
+        let payload = encode(kind, token, &self.me, name, body);
+        let sent = self.publish(subject, payload).await;
+        let Some(waiter) = waiter else { return };
+        let waiting: HashSet<String> = self.live_others().collect();
+        if !sent || waiting.is_empty() {
+            self.hand_to_core(waiter.core(), Msg::Count { waiter, n: 0 });
+            return;
+        }
+        if let Some((k, name)) = target {
+            let probe = encode(PROBE, token, &self.me, name, &[k as u8]);
+            self.publish(format!("{}.q", self.prefix), probe).await;
+        }
+        let deadline = Instant::now() + self.shared.timeout;
+        self.pending.insert(
+            token,
+            Gather {
+                waiting,
+                sum: 0,
+                deadline,
+                waiter,
+            },
+        );
+    }
+
+    fn live_others(&self) -> impl Iterator<Item = String> + '_ {
+        let now = Instant::now();
+        self.last_seen
+            .iter()
+            .filter(move |(_, t)| now.duration_since(**t) < LIVE_FOR)
+            .map(|(n, _)| n.clone())
+    }
+
+    /// After subscribing: one round trip to the server, then the cores go on.
+    async fn confirm(&mut self) {
+        if self.confirms.is_empty() {
+            return;
+        }
+        if self.connected && !self.round_trip().await {
+            tracing::warn!("no round trip to the broker; welcoming anyway (serving locally)");
+        }
+        for (core, kind, name, seq) in std::mem::take(&mut self.confirms) {
+            if let Some(sub) = self.subs.get_mut(&(kind, name.clone())) {
+                sub.1 = true;
+            }
+            self.hand_to_core(core, Msg::Subscribed { kind, name, seq });
+        }
+    }
+
+    /// One round trip through the server: everything this client sent before (its SUBs) has
+    /// been processed by the server when it returns true. `Client::flush` is not enough: it
+    /// only waits for the socket write. A request to a subject nobody serves is answered by
+    /// the server itself ("no responders") once it has processed the request, hence every
+    /// command before it on this connection.
+    async fn round_trip(&self) -> bool {
+        let subject = format!("{}.sync.{}", self.prefix, encode_name(&self.me));
+        let asked = self.client.request(subject, Bytes::new());
+        match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => true,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "round trip failed");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn incoming(&mut self, msg: async_nats::Message) {
+        self.cs().from_broker.fetch_add(1, Relaxed);
+        let payload = msg.payload;
+        let Some(w) = decode(&payload) else { return };
+        if w.origin == self.me {
+            // With no_echo this node never hears itself: another node uses the same id, and
+            // each takes the other's messages for its own. Say so, at most every 10 s.
+            let now = Instant::now();
+            if self
+                .duplicate_warned
+                .is_none_or(|t| now.duration_since(t) > LIVE_FOR * 3)
+            {
+                self.duplicate_warned = Some(now);
+                tracing::error!(node = %self.me, "another node uses this --node-id: give each node its own");
+            }
+            return;
+        }
+        let body = payload.slice(w.body..);
+        let req = match w.kind {
+            HEARTBEAT_KIND => {
+                self.last_seen.insert(w.origin.to_string(), Instant::now());
+                return;
+            }
+            HELLO => {
+                self.last_seen.insert(w.origin.to_string(), Instant::now());
+                self.answer_hello = true;
+                return;
+            }
+            BYE => {
+                self.forget_node(w.origin);
+                return;
+            }
+            ANSWER => {
+                let n = body
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_le_bytes);
+                self.answer(w.token, w.origin, n);
+                return;
+            }
+            PROBE => {
+                let kind = if body.first() == Some(&(Kind::Room as u8)) {
+                    Kind::Room
+                } else {
+                    Kind::User
+                };
+                // Subscribed (and confirmed, so the request, published before this probe, was
+                // delivered here): this node answers through the request itself. Otherwise 0
+                // now: a subscription still in flight concerns a connection not welcomed
+                // yet, which no count promises to include (its answer, if any, comes late).
+                let holder = self
+                    .subs
+                    .get(&(kind, Box::from(w.name)))
+                    .is_some_and(|s| s.1);
+                if !holder {
+                    let p = encode(ANSWER, w.token, &self.me, "", &0u64.to_le_bytes());
+                    let s = format!("{}.n.{}", self.prefix, encode_name(w.origin));
+                    self.publish(s, p).await;
+                }
+                return;
+            }
+            SEND => RemoteReq::Send {
+                user: w.name.into(),
+                frame: body,
+            },
+            PUBLISH => RemoteReq::Publish {
+                room: w.name.into(),
+                frame: body,
+            },
+            BROADCAST => RemoteReq::Broadcast { frame: body },
+            PRESENCE => RemoteReq::Presence {
+                user: w.name.into(),
+            },
+            DISCONNECT => RemoteReq::Disconnect {
+                user: w.name.into(),
+            },
+            _ => return,
+        };
+        let token = (w.token != 0).then(|| {
+            self.next_local += 1;
+            self.remote
+                .insert(self.next_local, (w.origin.to_string(), w.token));
+            self.next_local
+        });
+        // The owner core of the user or room: one path per target keeps the order.
+        let core = match &req {
+            RemoteReq::Broadcast { .. } => 0,
+            _ => self.shared.owners.of(w.name),
+        };
+        self.hand_to_core(core, Msg::Remote { req, token });
+    }
+
+    fn answer(&mut self, token: u64, node: &str, n: u64) {
+        let Some(g) = self.pending.get_mut(&token) else {
+            self.cs().late_answers.fetch_add(1, Relaxed);
+            return;
+        };
+        if !g.waiting.remove(node) {
+            self.cs().late_answers.fetch_add(1, Relaxed);
+            return;
+        }
+        g.sum += n;
+        if g.waiting.is_empty() {
+            let g = self.pending.remove(&token).expect("present");
+            self.hand_to_core(
+                g.waiter.core(),
+                Msg::Count {
+                    waiter: g.waiter,
+                    n: g.sum,
+                },
+            );
+        }
+    }
+
+    /// Publishes a heartbeat of `kind` (a goodbye instead once shutting down).
+    async fn heartbeat(&mut self, kind: u8) {
+        if self.said_bye {
+            return;
+        }
+        let leaving = self.cs().leaving.load(Relaxed);
+        let kind = if leaving { BYE } else { kind };
+        let p = encode(kind, 0, &self.me, "", &[]);
+        if self.publish(format!("{}.hb", self.prefix), p).await && leaving {
+            // Flushed, so the goodbye is out before the process exits.
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.client.flush()).await;
+            self.said_bye = true;
+            self.cs().bye_sent.store(true, Relaxed);
+        } else if leaving && !self.connected {
+            // Nobody to tell.
+            self.said_bye = true;
+            self.cs().bye_sent.store(true, Relaxed);
+        }
+    }
+
+    /// A node said goodbye: counts stop waiting for it at once.
+    fn forget_node(&mut self, node: &str) {
+        self.last_seen.remove(node);
+        let mut done = Vec::new();
+        for (token, g) in self.pending.iter_mut() {
+            if g.waiting.remove(node) && g.waiting.is_empty() {
+                done.push(*token);
+            }
+        }
+        for token in done {
+            let g = self.pending.remove(&token).expect("present");
+            let msg = Msg::Count {
+                waiter: g.waiter,
+                n: g.sum,
+            };
+            self.hand_to_core(g.waiter.core(), msg);
+        }
+    }
+
+    /// Connection state, live nodes, and counts that are due. True when the client has just
+    /// (re)connected.
+    fn tick(&mut self) -> bool {
+        self.cs().settle();
+        let connected = matches!(
+            self.client.connection_state(),
+            async_nats::connection::State::Connected
+        );
+        let was = self.connected;
+        if connected != self.connected {
+            if connected {
+                if self.ever_connected {
+                    self.cs().reconnects.fetch_add(1, Relaxed);
+                }
+                self.ever_connected = true;
+                // Forget who was live: a node heard from from now on has its subscriptions
+                // back in place (the client resends them on reconnecting, before anything it
+                // publishes), so counts wait only for nodes that can be reached.
+                self.last_seen.clear();
+                tracing::info!("connected to the broker");
+            } else {
+                tracing::warn!("broker disconnected: serving local connections only");
+            }
+            self.connected = connected;
+            self.cs().connected.store(connected, Relaxed);
+        }
+        let now = Instant::now();
+        self.last_seen
+            .retain(|_, t| now.duration_since(*t) < LIVE_FOR);
+        let mut nodes: Vec<String> = self.last_seen.keys().cloned().collect();
+        nodes.push(self.me.clone());
+        nodes.sort();
+        let live: HashSet<&String> = self.last_seen.keys().collect();
+        let mut done = Vec::new();
+        for (token, g) in self.pending.iter_mut() {
+            // Nodes that stopped being live, or everyone when the broker is gone.
+            g.waiting.retain(|n| connected && live.contains(n));
+            if g.waiting.is_empty() {
+                done.push(*token);
+            } else if now >= g.deadline {
+                self.shared
+                    .cluster
+                    .missing_answers
+                    .fetch_add(g.waiting.len() as u64, Relaxed);
+                done.push(*token);
+            }
+        }
+        for token in done {
+            let g = self.pending.remove(&token).expect("present");
+            self.hand_to_core(
+                g.waiter.core(),
+                Msg::Count {
+                    waiter: g.waiter,
+                    n: g.sum,
+                },
+            );
+        }
+        *self.cs().nodes.lock().unwrap() = nodes;
+        connected && !was
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_bridge_queue_slows_clients_then_drops() {
+        use clap::Parser;
+        let config = crate::Config::parse_from(["wsgate", "--cluster", "nats://a:1"]);
+        let pressure = Arc::new(Pressure::new(2));
+        let (c, mut rx) = shared(&config, pressure.clone());
+        let req = || ClusterOut::Request {
+            req: RemoteReq::Broadcast {
+                frame: Bytes::new(),
+            },
+            waiter: None,
+        };
+        for _ in 0..QUEUE_LIMIT / 2 {
+            assert!(c.submit(1, req()).is_ok());
+        }
+        assert!(!pressure.is_on());
+        assert!(c.submit(1, req()).is_ok());
+        assert!(pressure.is_on(), "past half the bound: clients are slowed");
+        for _ in QUEUE_LIMIT / 2 + 1..QUEUE_LIMIT {
+            assert!(c.submit(0, req()).is_ok());
+        }
+        assert!(c.submit(0, req()).is_err(), "past the bound: dropped");
+        assert_eq!(c.dropped.load(Relaxed), 1);
+        // Answers and subscriptions are never dropped.
+        let answer = ClusterOut::Answer { token: 1, n: 1 };
+        assert!(c.submit(0, answer).is_ok());
+        let mut taken = 0;
+        while pressure.is_on() {
+            let (_, out) = rx.try_recv().unwrap();
+            assert!(matches!(out, ClusterOut::Request { .. }));
+            c.taken();
+            taken += 1;
+        }
+        assert_eq!(taken, QUEUE_LIMIT - QUEUE_LIMIT / 4);
+    }
+
+    #[test]
+    fn names_are_single_tokens_and_injective() {
+        let ids = ["a.b", "a", "b", "x:y@z", "a-b_c", "A", "ab", ".", "*", ">"];
+        let subjects: HashSet<String> = ids
+            .iter()
+            .map(|i| subject("wsgate", Kind::User, i))
+            .collect();
+        assert_eq!(subjects.len(), ids.len());
+        for s in &subjects {
+            let token = s.strip_prefix("wsgate.u.").unwrap();
+            assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{s}");
+        }
+        assert_eq!(encode_name("a.b"), "612e62");
+        assert_ne!(subject("p", Kind::User, "x"), subject("p", Kind::Room, "x"));
+    }
+
+    #[test]
+    fn url_credentials_are_decoded() {
+        assert_eq!(percent_decode("p%40ss%2B1"), "p@ss+1");
+        assert_eq!(percent_decode("plain"), "plain");
+        assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
+    }
+
+    #[test]
+    fn wire_round_trip_and_garbage() {
+        let p = encode(SEND, 42, "node-1", "a.b", b"frame");
+        let w = decode(&p).unwrap();
+        assert_eq!(
+            (w.kind, w.token, w.origin, w.name),
+            (SEND, 42, "node-1", "a.b")
+        );
+        assert_eq!(&p[w.body..], b"frame");
+        for cut in 0..p.len() - 5 {
+            // Truncated headers are refused, never a panic.
+            let _ = decode(&p[..cut]);
+        }
+        assert!(decode(&[]).is_none());
+        assert!(decode(&[1, 0, 0]).is_none());
+    }
+}
