@@ -132,6 +132,21 @@ panels.append({"type": "table", "title": "Configured limits (0 = off)", "id": ni
                "transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True}, "renameByName": {"Value": "value"}}}],
                "options": {"showHeader": True}})
 
+row("Cluster (with --cluster)")
+ts("Connected to the broker", [(f"min by (instance) (wsgate_cluster_connected{{{SEL}}})", "{{instance}}")],
+   desc="1 while the node is connected to its broker (NATS). 0: it serves only its own connections; cross-node delivery stops (alert WsgateCutOffFromBroker).")
+ts("Live nodes seen", [(f"max by (instance) (wsgate_cluster_nodes{{{SEL}}})", "{{instance}}")],
+   desc="Nodes heard from within 3 s, this one included. Every node should see the same number.")
+newline()
+ts("Broker messages/s", [(f"sum by (instance) (rate(wsgate_cluster_messages_to_broker_total{{{SEL}}}[{RI}]))", "to broker {{instance}}"),
+                         (f"sum by (instance) (rate(wsgate_cluster_messages_from_broker_total{{{SEL}}}[{RI}]))", "from broker {{instance}}")])
+ts("Reconnects, late and missing node answers, drops /s",
+   [(f"sum by (instance) (rate(wsgate_cluster_reconnects_total{{{SEL}}}[{RI}]))", "reconnects {{instance}}"),
+    (f"sum by (instance) (rate(wsgate_cluster_late_answers_total{{{SEL}}}[{RI}]))", "late answers {{instance}}"),
+    (f"sum by (instance) (rate(wsgate_cluster_missing_answers_total{{{SEL}}}[{RI}]))", "missing answers {{instance}}"),
+    (f"sum by (instance) (rate(wsgate_cluster_dropped_total{{{SEL}}}[{RI}]))", "dropped {{instance}}")],
+   desc="Missing answers: a node left out of a count after --cluster-timeout. Dropped: requests the bridge's full queue refused.")
+
 dash = {
   "title": "wsgate",
   "uid": "wsgate-overview",

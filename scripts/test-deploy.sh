@@ -54,7 +54,8 @@ check() { # check NAME CMD...: runs one check, counts it
 # Starts the gateway (optionally under a wrapper such as strace); sets ADDR and GW_PID.
 start_gateway() {
   local out=$WORK/gw.$RANDOM.out
-  "$@" "$BIN" --listen 127.0.0.1:0 --workers 2 >"$out" 2>"$out.err" &
+  # shellcheck disable=SC2086
+  "$@" "$BIN" --listen 127.0.0.1:0 --workers 2 ${GW_ARGS:-} >"$out" 2>"$out.err" &
   GW_PID=$!
   PIDS+=("$GW_PID")
   local deadline=$((SECONDS + 20))
@@ -119,11 +120,34 @@ check "promtool check rules" promtool check rules deploy/prometheus-alerts.yml
 check "promtool test rules" promtool test rules deploy/prometheus-alerts.test.yml
 
 # ---- 2, 3. metrics used by the dashboard and the alerts exist in the real /metrics ----
-log "scraping the real gateway ($BIN)"
-start_gateway
+# In cluster mode, so that the cluster panels and alert are checked too: a nats-server on a
+# free loopback port (installed by scripts/test-cluster.sh when missing).
+if ! command -v nats-server >/dev/null; then
+  log "installing nats-server (Debian package)"
+  export DEBIAN_FRONTEND=noninteractive
+  timeout 600 apt-get update -q >/dev/null
+  timeout 600 apt-get install -y -q nats-server >/dev/null
+fi
+NATS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+nats-server -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats.log" 2>&1 &
+NATS_PID=$!
+deadline=$((SECONDS + 10))
+until (exec 3<>/dev/tcp/127.0.0.1/"$NATS_PORT") 2>/dev/null; do
+  [ "$SECONDS" -lt "$deadline" ] || fail "nats-server did not start"
+  sleep 0.05
+done
+log "scraping the real gateway ($BIN) in cluster mode"
+GW_ARGS="--cluster nats://127.0.0.1:$NATS_PORT --node-id deploy-check" start_gateway
+deadline=$((SECONDS + 10))
+until curl -sf -m 2 "http://$ADDR/readyz" >/dev/null; do
+  [ "$SECONDS" -lt "$deadline" ] || fail "the gateway never became ready (broker)"
+  sleep 0.1
+done
 workload
 curl -sf -m 5 "http://$ADDR/metrics" >"$WORK/metrics.txt" || fail "GET /metrics failed"
 stop_gateway
+kill "$NATS_PID" 2>/dev/null || true
+wait "$NATS_PID" 2>/dev/null || true
 
 check_metric_names() {
   python3 - "$WORK/metrics.txt" deploy/grafana-dashboard.json deploy/prometheus-alerts.yml <<'PY'

@@ -26,170 +26,274 @@ pub enum DriverKind {
 #[command(name = "wsgate", version, about, long_about = None)]
 pub struct Config {
     /// TOML file with any of these settings (keys are the flag names without `--`).
-    #[arg(long, env = "WSGATE_CONFIG")]
+    #[arg(help_heading = "Network", long, env = "WSGATE_CONFIG")]
     pub config: Option<std::path::PathBuf>,
 
     /// Address to listen on (WebSocket upgrades, health, API). Port 0 picks a free port; the
     /// bound address is printed as `listening on ADDR`.
-    #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "WSGATE_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
     pub listen: SocketAddr,
 
     /// Worker threads, one runtime and one SO_REUSEPORT listener each. 0 = number of CPUs.
-    #[arg(long, env = "WSGATE_WORKERS", default_value_t = 0)]
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "WSGATE_WORKERS",
+        default_value_t = 0
+    )]
     pub workers: usize,
 
     /// I/O driver. `auto` picks io_uring and falls back to epoll; `MONOIO_FORCE_LEGACY_DRIVER=1`
     /// also forces epoll.
-    #[arg(long, env = "WSGATE_DRIVER", value_enum, default_value_t = DriverKind::Auto)]
+    #[arg(help_heading = "Network", long, env = "WSGATE_DRIVER", value_enum, default_value_t = DriverKind::Auto)]
     pub driver: DriverKind,
 
     /// Do not pin worker threads to CPUs.
-    #[arg(long, env = "WSGATE_NO_PIN", default_value_t = false)]
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "WSGATE_NO_PIN",
+        default_value_t = false
+    )]
     pub no_pin: bool,
 
     /// How often the server pings each connection (`500ms`, `2s`, `1m`).
-    #[arg(long, env = "WSGATE_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
+    #[arg(help_heading = "Liveness", long, env = "WSGATE_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
     pub ping_interval: Duration,
 
     /// A connection from which nothing (no frame, no pong) arrived for this long is closed
     /// with 4000. There is no other read timeout.
-    #[arg(long, env = "WSGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(help_heading = "Liveness", long, env = "WSGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
     /// Largest client message in bytes (after reassembly); larger closes with 1009.
-    #[arg(long, env = "WSGATE_MAX_MESSAGE_SIZE", default_value_t = 65536)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "WSGATE_MAX_MESSAGE_SIZE",
+        default_value_t = 65536
+    )]
     pub max_message_size: usize,
 
     /// Largest outbound backlog per connection in bytes; a connection whose backlog would
     /// exceed it is a slow consumer and is closed with 1013.
-    #[arg(long, env = "WSGATE_MAX_QUEUED_BYTES", default_value_t = 1 << 20)]
+    #[arg(help_heading = "Limits", long, env = "WSGATE_MAX_QUEUED_BYTES", default_value_t = 1 << 20)]
     pub max_queued_bytes: usize,
 
     /// Bound on the outbound bytes queued over all connections of the process. Past each
     /// core's share, the gateway stops reading from clients (publishers included) until the
     /// recipients have read the backlog down: backpressure instead of unbounded memory. A
     /// single lagging connection is still closed at `--max-queued-bytes`.
-    #[arg(long, env = "WSGATE_MAX_TOTAL_QUEUED_BYTES", default_value_t = 256 << 20)]
+    #[arg(help_heading = "Limits", long, env = "WSGATE_MAX_TOTAL_QUEUED_BYTES", default_value_t = 256 << 20)]
     pub max_total_queued_bytes: usize,
 
     /// Messages one core may have queued from the other cores before every core stops
     /// reading from clients until it catches up (cross-core backpressure).
     /// Also bounds the overshoot of `--max-total-queued-bytes`: publishes already in flight
     /// between cores when the pressure turns on are still delivered.
-    #[arg(long, env = "WSGATE_MAILBOX_LIMIT", default_value_t = 16384)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "WSGATE_MAILBOX_LIMIT",
+        default_value_t = 16384
+    )]
     pub mailbox_limit: usize,
 
     /// Most TCP connections not upgraded to WebSocket (reading a request, answering plain
     /// HTTP or the API, or waiting for the next keep-alive request); more are refused at once
     /// with 503. Counted apart from WebSocket connections. 0 = a quarter of the process's
     /// file-descriptor limit (at least 64).
-    #[arg(long, env = "WSGATE_MAX_HTTP_CONNECTIONS", default_value_t = 0)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "WSGATE_MAX_HTTP_CONNECTIONS",
+        default_value_t = 0
+    )]
     pub max_http_connections: usize,
 
     /// How long a plain-HTTP keep-alive connection may wait for its next request.
-    #[arg(long, env = "WSGATE_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(help_heading = "Liveness", long, env = "WSGATE_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub http_idle_timeout: Duration,
 
     /// On SIGINT/SIGTERM: stop accepting, close every connection with 1001, and exit within
     /// this time.
-    #[arg(long, env = "WSGATE_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(help_heading = "Network", long, env = "WSGATE_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
     /// Time a new TCP connection has to send a complete HTTP request (upgrade or API).
-    #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(help_heading = "Liveness", long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
     /// Serve a plain RFC 6455 echo endpoint at this path (for conformance and comparisons).
     /// Off when unset. Unauthenticated: refused on a non-loopback address without --insecure.
-    #[arg(long, env = "WSGATE_ECHO_PATH")]
+    #[arg(
+        help_heading = "Observability and development",
+        long,
+        env = "WSGATE_ECHO_PATH"
+    )]
     pub echo_path: Option<String>,
 
     /// Serve the demo chat page at /demo/ (the JavaScript client on a small page). Off by
     /// default; refused on a non-loopback address without --insecure.
-    #[arg(long, env = "WSGATE_DEMO", default_value_t = false)]
+    #[arg(
+        help_heading = "Observability and development",
+        long,
+        env = "WSGATE_DEMO",
+        default_value_t = false
+    )]
     pub demo: bool,
 
     /// Log filter in `RUST_LOG` syntax (e.g. `info`, `wsgate=debug`). `RUST_LOG` wins.
-    #[arg(long, env = "WSGATE_LOG", default_value = "info")]
+    #[arg(
+        help_heading = "Observability and development",
+        long,
+        env = "WSGATE_LOG",
+        default_value = "info"
+    )]
     pub log: String,
 
     /// HS256 secret for JWT identity (`?token=` or `Authorization: Bearer`). Once set,
     /// `?user=` is refused.
-    #[arg(long, env = "WSGATE_JWT_SECRET", hide_env_values = true)]
+    #[arg(
+        help_heading = "Identity and access",
+        long,
+        env = "WSGATE_JWT_SECRET",
+        hide_env_values = true
+    )]
     pub jwt_secret: Option<String>,
 
     /// Clock skew allowed when checking a token's `exp`.
-    #[arg(long, env = "WSGATE_JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
+    #[arg(help_heading = "Identity and access", long, env = "WSGATE_JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
     pub jwt_leeway: Duration,
 
     /// Key every `/api/` call must present as `Authorization: Bearer <key>`.
-    #[arg(long, env = "WSGATE_API_KEY", hide_env_values = true)]
+    #[arg(
+        help_heading = "Identity and access",
+        long,
+        env = "WSGATE_API_KEY",
+        hide_env_values = true
+    )]
     pub api_key: Option<String>,
 
     /// Allow listening on a non-loopback address without both a JWT secret and an API key.
-    #[arg(long, env = "WSGATE_INSECURE", default_value_t = false)]
+    #[arg(
+        help_heading = "Identity and access",
+        long,
+        env = "WSGATE_INSECURE",
+        default_value_t = false
+    )]
     pub insecure: bool,
 
     /// PEM certificate chain (server certificate first): with `--tls-key`, every connection on
     /// the listener is TLS (`wss://`, and HTTPS for health, metrics and the API). SIGHUP
     /// reloads both files; open connections keep their session.
-    #[arg(long, env = "WSGATE_TLS_CERT")]
+    #[arg(help_heading = "TLS", long, env = "WSGATE_TLS_CERT")]
     pub tls_cert: Option<std::path::PathBuf>,
 
     /// PEM private key of `--tls-cert` (PKCS#8, RSA or EC).
-    #[arg(long, env = "WSGATE_TLS_KEY")]
+    #[arg(help_heading = "TLS", long, env = "WSGATE_TLS_KEY")]
     pub tls_key: Option<std::path::PathBuf>,
 
     /// Comma-separated origins allowed to upgrade (checked only when an `Origin` header is
     /// present); others get 403. Unset: every origin.
-    #[arg(long, env = "WSGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        help_heading = "Identity and access",
+        long,
+        env = "WSGATE_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
     pub allowed_origins: Vec<String>,
 
     /// Most WebSocket connections in total; more get 503 at upgrade. 0 = no limit (the file
     /// descriptor limit still applies).
-    #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 0)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "WSGATE_MAX_CONNECTIONS",
+        default_value_t = 0
+    )]
     pub max_connections: usize,
 
     /// Most connections one user may hold; more get 429 at upgrade. 0 = no limit.
-    #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_USER", default_value_t = 0)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "WSGATE_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 0
+    )]
     pub max_connections_per_user: usize,
 
     /// Most rooms one connection may be in; beyond it `join` gets `too_many_rooms`.
-    #[arg(long, env = "WSGATE_MAX_ROOMS_PER_CONN", default_value_t = 128)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "WSGATE_MAX_ROOMS_PER_CONN",
+        default_value_t = 128
+    )]
     pub max_rooms_per_conn: usize,
 
     /// Messages per second a connection may send (token bucket); over it a message gets
     /// `error rate_limited`. 0 = no limit.
-    #[arg(long, env = "WSGATE_RATE_LIMIT", default_value_t = 0.0)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "WSGATE_RATE_LIMIT",
+        default_value_t = 0.0
+    )]
     pub rate_limit: f64,
 
     /// Burst for `--rate-limit` (messages). 0 = one second's worth.
-    #[arg(long, env = "WSGATE_RATE_BURST", default_value_t = 0)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "WSGATE_RATE_BURST",
+        default_value_t = 0
+    )]
     pub rate_burst: u32,
 
     /// A connection refused this many messages in a row for its rate is closed with 1008.
-    #[arg(long, env = "WSGATE_RATE_LIMIT_CLOSE_AFTER", default_value_t = 100)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "WSGATE_RATE_LIMIT_CLOSE_AFTER",
+        default_value_t = 100
+    )]
     pub rate_limit_close_after: u32,
 
     /// Cluster mode: the broker shared by every node, `nats://[user:pass@]HOST:PORT`
     /// (comma-separated URLs: servers of one NATS cluster). Unset: a single node, no broker.
     /// Redis is not implemented yet.
-    #[arg(long, env = "WSGATE_CLUSTER", value_delimiter = ',')]
+    #[arg(
+        help_heading = "Cluster",
+        long,
+        env = "WSGATE_CLUSTER",
+        value_delimiter = ','
+    )]
     pub cluster: Vec<String>,
 
     /// This node's name in stats, metrics and logs; unique per cluster. Default: host name
     /// and process id.
-    #[arg(long, env = "WSGATE_NODE_ID")]
+    #[arg(help_heading = "Cluster", long, env = "WSGATE_NODE_ID")]
     pub node_id: Option<String>,
 
     /// Subject prefix on the broker: nodes with different prefixes on one broker are
     /// separate clusters. Dot-separated tokens of `A-Z a-z 0-9 _ -`.
-    #[arg(long, env = "WSGATE_CLUSTER_PREFIX", default_value = "wsgate")]
+    #[arg(
+        help_heading = "Cluster",
+        long,
+        env = "WSGATE_CLUSTER_PREFIX",
+        default_value = "wsgate"
+    )]
     pub cluster_prefix: String,
 
     /// How long a count (`delivered`, presence, `closed`) waits for the other nodes' answers
     /// before leaving out those that have not answered.
-    #[arg(long, env = "WSGATE_CLUSTER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    #[arg(help_heading = "Cluster", long, env = "WSGATE_CLUSTER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub cluster_timeout: Duration,
 }
 

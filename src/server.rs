@@ -30,7 +30,10 @@ pub enum StartError {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// Binding or listening failed.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error(
+        "cannot listen on {addr}: {source}. Choose another address or port with --listen \
+         (port 0 picks a free one), or stop the process that holds it"
+    )]
     Listen {
         /// The address asked for.
         addr: SocketAddr,
@@ -38,7 +41,11 @@ pub enum StartError {
         source: io::Error,
     },
     /// A worker's runtime could not start (e.g. io_uring forced but unavailable).
-    #[error("worker {core} failed to start: {source}")]
+    #[error(
+        "worker {core} failed to start: {source}. With --driver io-uring the kernel must allow \
+         io_uring (use --driver auto to fall back to epoll); check the memory-lock and \
+         file-descriptor limits (ulimit -l, ulimit -n)"
+    )]
     Worker {
         /// The worker's index.
         core: usize,

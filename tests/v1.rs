@@ -761,7 +761,35 @@ fn help_documents_every_flag() {
         "--config",
         "--allowed-origins",
         "WSGATE_API_KEY",
+        "--max-total-queued-bytes",
+        "--mailbox-limit",
+        "--max-http-connections",
+        "--tls-cert",
+        "--cluster",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
+    // Grouped for a newcomer, each with its default.
+    for heading in [
+        "Network:",
+        "Identity and access:",
+        "Liveness:",
+        "Limits:",
+        "TLS:",
+        "Cluster:",
+        "Observability and development:",
+    ] {
+        assert!(help.contains(heading), "--help lacks the group {heading}");
+    }
+    assert!(help.contains("[default: 127.0.0.1:8080]"), "{help}");
+    // A refusal names the setting and the fix.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["--listen", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--listen") && err.contains("port 0"), "{err}");
 }
