@@ -92,6 +92,27 @@ struct Conn {
     pending_joins: HashMap<u64, String>,
 }
 
+impl Conn {
+    /// A connection just inserted on `core` of `node`, not yet registered.
+    fn new(node: usize, core: usize, key: ConnKey, user: String) -> Conn {
+        Conn {
+            node,
+            core,
+            key,
+            user,
+            state: State::Connecting,
+            member_of: HashSet::new(),
+            joined: HashSet::new(),
+            last_seen: HashMap::new(),
+            received: HashSet::new(),
+            leaves: HashMap::new(),
+            next_seq: 1,
+            acks: HashMap::new(),
+            pending_joins: HashMap::new(),
+        }
+    }
+}
+
 /// A message that must reach `recipients` (those that stay open).
 struct Expect {
     sender: usize,
@@ -354,21 +375,7 @@ impl Sim {
         self.log(format!(
             "connect conn {id} user {user} node {node} core {core} key {key}"
         ));
-        self.conns.push(Conn {
-            node,
-            core,
-            key,
-            user,
-            state: State::Connecting,
-            member_of: HashSet::new(),
-            joined: HashSet::new(),
-            last_seen: HashMap::new(),
-            received: HashSet::new(),
-            leaves: HashMap::new(),
-            next_seq: 1,
-            acks: HashMap::new(),
-            pending_joins: HashMap::new(),
-        });
+        self.conns.push(Conn::new(node, core, key, user));
         self.nodes[node].cores[core].register(key);
         self.run(node, core)
     }
@@ -856,21 +863,7 @@ impl Sim {
                     self.log(format!(
                         "reconnect conn {id} as {nid} user {user} node {node} core {core}"
                     ));
-                    self.conns.push(Conn {
-                        node,
-                        core,
-                        key,
-                        user,
-                        state: State::Connecting,
-                        member_of: HashSet::new(),
-                        joined: HashSet::new(),
-                        last_seen: HashMap::new(),
-                        received: HashSet::new(),
-                        leaves: HashMap::new(),
-                        next_seq: 1,
-                        acks: HashMap::new(),
-                        pending_joins: HashMap::new(),
-                    });
+                    self.conns.push(Conn::new(node, core, key, user));
                     self.nodes[node].cores[core].register(key);
                     self.run(node, core)?;
                     self.close(id)
