@@ -577,6 +577,9 @@ impl RedisLink {
     }
 }
 
+/// A user or room subscription: NATS's forwarding task, and whether the broker confirmed it.
+type Sub = (Option<tokio::task::JoinHandle<()>>, bool);
+
 struct Bridge {
     shared: Node,
     link: Link,
@@ -587,7 +590,7 @@ struct Bridge {
     prefix: String,
     /// This node's user and room subscriptions: the forwarding task, and whether the
     /// broker confirmed it (a round trip returned after it).
-    subs: HashMap<(Kind, Box<str>), (Option<tokio::task::JoinHandle<()>>, bool)>,
+    subs: HashMap<(Kind, Box<str>), Sub>,
     confirms: Vec<(usize, Kind, Box<str>, u64)>,
     pending: HashMap<u64, Gather>,
     next_token: u64,
@@ -1213,9 +1216,7 @@ impl Bridge {
         self.last_seen.remove(node);
         let mut done = Vec::new();
         for (token, g) in self.pending.iter_mut() {
-            if g.waiting.len() > 0 {
-                g.waiting.forget(node);
-            }
+            g.waiting.forget(node);
             if g.waiting.is_empty() {
                 done.push(*token);
             }
