@@ -1,4 +1,4 @@
-//! Cluster mode over NATS: the bridge between this node's cores and the broker.
+//! Cluster mode over NATS or Redis: the bridge between this node's cores and the broker.
 //!
 //! One thread per node owns the broker client (`async-nats` on a current-thread tokio
 //! runtime); the cores never touch tokio. Cores hand it what must leave the node through
@@ -58,6 +58,19 @@
 //! member joins / last member leaves). The bridge subscribes, makes one round trip through
 //! the server (`Bridge::round_trip`) and confirms to the core, which only then welcomes
 //! the connection (or acks the join).
+//!
+//! # Redis
+//!
+//! `redis://` URLs use the same channels (named as the subjects above; `sync` and inboxes are
+//! unused), messages, heartbeats and live list, through [`RedisLink`]: a pub/sub connection
+//! whose SUBSCRIBE replies are awaited (that reply is the round trip: Redis sends it once it
+//! holds the subscription), and a multiplexed connection for PUBLISH, whose reply is the
+//! number of subscribers that received the message. A count waits for exactly that many
+//! answers (less this node: Redis has no `no_echo`, so a node's own messages come back and are
+//! dropped by origin), with no probe. When either connection fails the bridge drops both,
+//! reconnects (every 0.1 to 1 s) and subscribes every channel it holds again before saying
+//! hello. Heartbeats carry a per-process nonce, which tells this node's own echoed heartbeats
+//! from a duplicate `--node-id`'s.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
