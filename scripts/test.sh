@@ -4,7 +4,7 @@
 #  1. unit, simulation and integration tests (the real gateway on port 0, our Rust client and
 #     the third-party Python `websockets` client, installed into target/pyenv by the tests;
 #     tests/route_sim.rs runs the router through 1,500 seeded interleavings, and
-#     tests/cluster.rs three nodes joined by a real nats-server, installed by
+#     tests/cluster.rs three nodes joined by a real nats-server or redis-server, installed by
 #     scripts/test-cluster.sh when missing);
 #  2. the integration tests again with every gateway on the epoll fallback driver
 #     (MONOIO_FORCE_LEGACY_DRIVER=1), which behaves differently under load (~40 s);
@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-python.sh >/dev/null
-# Installs nats-server (Debian package) when missing and builds the cluster tests; then every
+# Installs nats-server and redis-server (Debian packages) when missing and builds the cluster tests; then every
 # test, the cluster's included, runs in the one `cargo test`.
 scripts/test-cluster.sh --no-run
 cargo test

@@ -1,4 +1,4 @@
-//! Cluster mode over NATS: the bridge between this node's cores and the broker.
+//! Cluster mode over NATS or Redis: the bridge between this node's cores and the broker.
 //!
 //! One thread per node owns the broker client (`async-nats` on a current-thread tokio
 //! runtime); the cores never touch tokio. Cores hand it what must leave the node through
@@ -58,6 +58,19 @@
 //! member joins / last member leaves). The bridge subscribes, makes one round trip through
 //! the server (`Bridge::round_trip`) and confirms to the core, which only then welcomes
 //! the connection (or acks the join).
+//!
+//! # Redis
+//!
+//! `redis://` URLs use the same channels (named as the subjects above; `sync` and inboxes are
+//! unused), messages, heartbeats and live list, through [`RedisLink`]: a pub/sub connection
+//! whose SUBSCRIBE replies are awaited (that reply is the round trip: Redis sends it once it
+//! holds the subscription), and a multiplexed connection for PUBLISH, whose reply is the
+//! number of subscribers that received the message. A count waits for exactly that many
+//! answers (less this node: Redis has no `no_echo`, so a node's own messages come back and are
+//! dropped by origin), with no probe. When either connection fails the bridge drops both,
+//! reconnects (every 0.1 to 1 s) and subscribes every channel it holds again before saying
+//! hello. Heartbeats carry a per-process nonce, which tells this node's own echoed heartbeats
+//! from a duplicate `--node-id`'s.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -115,6 +128,8 @@ pub(crate) struct ClusterShared {
     pub node: String,
     /// The subject prefix.
     pub prefix: String,
+    /// `"nats"` or `"redis"`.
+    pub broker: &'static str,
     tx: mpsc::UnboundedSender<(usize, ClusterOut)>,
     depth: AtomicUsize,
     /// Connected to the broker now.
@@ -193,7 +208,7 @@ impl ClusterShared {
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "node": self.node,
-            "broker": "nats",
+            "broker": self.broker,
             "connected": self.connected.load(Relaxed),
             "nodes": *self.nodes.lock().unwrap(),
         })
@@ -211,6 +226,11 @@ pub(crate) fn shared(
         nodes: Mutex::new(vec![node.clone()]),
         node,
         prefix: config.cluster_prefix.clone(),
+        broker: if config.cluster.first().is_some_and(|u| is_redis(u)) {
+            "redis"
+        } else {
+            "nats"
+        },
         tx,
         depth: AtomicUsize::new(0),
         connected: AtomicBool::new(false),
@@ -225,6 +245,11 @@ pub(crate) fn shared(
         pressure,
     };
     (shared, rx)
+}
+
+/// A `redis://` URL (the scheme picks the broker).
+pub fn is_redis(url: &str) -> bool {
+    url.trim().to_ascii_lowercase().starts_with("redis://")
 }
 
 /// A name as one subject token: its bytes in lowercase hex.
@@ -339,20 +364,246 @@ fn percent_decode(s: &str) -> String {
 }
 
 struct Gather {
-    waiting: HashSet<String>,
+    waiting: Waiting,
     sum: u64,
     deadline: Instant,
     waiter: ConnKey,
 }
 
+/// Whose answers a count waits for.
+enum Waiting {
+    /// NATS: every live node, by name (holders answer the request, the others the probe).
+    Nodes(HashSet<String>),
+    /// Redis: `PUBLISH` said how many nodes received the request; each answers once.
+    Count { left: usize, seen: HashSet<String> },
+}
+
+impl Waiting {
+    /// `node` answered: true when the answer was expected.
+    fn answered(&mut self, node: &str) -> bool {
+        match self {
+            Waiting::Nodes(w) => w.remove(node),
+            Waiting::Count { left, seen } => {
+                if *left > 0 && seen.insert(node.to_string()) {
+                    *left -= 1;
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Waiting::Nodes(w) => w.len(),
+            Waiting::Count { left, .. } => *left,
+        }
+    }
+
+    /// `node` said goodbye. (Redis: whether it was among the receivers is unknown; a node
+    /// gone is no longer counted by later `PUBLISH`es, and a count in flight waits at most
+    /// the timeout.)
+    fn forget(&mut self, node: &str) {
+        if let Waiting::Nodes(w) = self {
+            w.remove(node);
+        }
+    }
+
+    /// Nodes that stopped being live, or everyone when the broker is gone.
+    fn retain_live(&mut self, connected: bool, live: &HashSet<&String>) {
+        match self {
+            Waiting::Nodes(w) => w.retain(|n| connected && live.contains(n)),
+            Waiting::Count { left, .. } => {
+                if !connected {
+                    *left = 0;
+                }
+            }
+        }
+    }
+}
+
+/// What arrives from the broker's reading side.
+enum Incoming {
+    /// A message's payload.
+    Msg(Bytes),
+    /// Redis: the pub/sub connection of this generation ended.
+    Lost(u64),
+}
+
+/// The broker client.
+enum Link {
+    Nats(async_nats::Client),
+    Redis(Box<RedisLink>),
+}
+
+/// Redis: one pub/sub connection (SUBSCRIBE, messages in) and one multiplexed connection
+/// (PUBLISH), re-made together by the bridge after a loss, every channel subscribed again.
+struct RedisLink {
+    client: redis::Client,
+    session: Option<RedisSession>,
+    /// Generation of the session (a loss reported by an older one is ignored).
+    gen: u64,
+    next_attempt: Instant,
+    attempts: u32,
+    /// Channels this node wants.
+    wanted: HashSet<String>,
+    /// Channels the server has confirmed for the current session.
+    server_has: HashSet<String>,
+    /// Channels whose wanted state changed since the last sync.
+    dirty: HashSet<String>,
+}
+
+struct RedisSession {
+    sink: redis::aio::PubSubSink,
+    conn: redis::aio::MultiplexedConnection,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RedisSession {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Bound of one Redis command (connect, subscribe, publish).
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl RedisLink {
+    fn want(&mut self, channel: String, on: bool) {
+        if on {
+            self.wanted.insert(channel.clone());
+        } else {
+            self.wanted.remove(&channel);
+        }
+        self.dirty.insert(channel);
+    }
+
+    fn lost(&mut self) {
+        if self.session.take().is_some() {
+            tracing::debug!("redis session lost");
+        }
+        self.server_has.clear();
+        self.gen += 1;
+        self.next_attempt = Instant::now();
+    }
+
+    /// SUBSCRIBE / UNSUBSCRIBE (awaiting the server's confirmations) what changed; false
+    /// when the connection failed.
+    async fn sync(&mut self) -> bool {
+        let Some(session) = self.session.as_mut() else {
+            self.dirty.clear();
+            return true;
+        };
+        let mut sub = Vec::new();
+        let mut unsub = Vec::new();
+        for c in self.dirty.drain() {
+            match (self.wanted.contains(&c), self.server_has.contains(&c)) {
+                (true, false) => sub.push(c),
+                (false, true) => unsub.push(c),
+                _ => {}
+            }
+        }
+        for chunk in unsub.chunks(512) {
+            let done = tokio::time::timeout(REDIS_TIMEOUT, session.sink.unsubscribe(chunk)).await;
+            if !matches!(done, Ok(Ok(()))) {
+                return false;
+            }
+            for c in chunk {
+                self.server_has.remove(c);
+            }
+        }
+        for chunk in sub.chunks(512) {
+            let done = tokio::time::timeout(REDIS_TIMEOUT, session.sink.subscribe(chunk)).await;
+            if !matches!(done, Ok(Ok(()))) {
+                return false;
+            }
+            self.server_has.extend(chunk.iter().cloned());
+        }
+        true
+    }
+
+    /// Connects both connections and subscribes every wanted channel.
+    async fn connect(&mut self, in_tx: &mpsc::Sender<Incoming>) -> redis::RedisResult<()> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let pubsub = tokio::time::timeout(REDIS_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            })??;
+        let (mut sink, mut stream) = pubsub.split();
+        let all: Vec<String> = self.wanted.iter().cloned().collect();
+        for chunk in all.chunks(512) {
+            tokio::time::timeout(REDIS_TIMEOUT, sink.subscribe(chunk))
+                .await
+                .map_err(|_| {
+                    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+                })??;
+        }
+        self.gen += 1;
+        let gen = self.gen;
+        let tx = in_tx.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(m) = stream.next().await {
+                let payload = Bytes::copy_from_slice(m.get_payload_bytes());
+                if tx.send(Incoming::Msg(payload)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(Incoming::Lost(gen)).await;
+        });
+        self.server_has = all.into_iter().collect();
+        self.dirty.clear();
+        self.session = Some(RedisSession { sink, conn, reader });
+        self.attempts = 0;
+        Ok(())
+    }
+
+    /// PUBLISH; the number of *other* subscribers that received it (Redis echoes to this
+    /// node's own subscription), `None` when it failed.
+    async fn publish(&mut self, channel: String, payload: Bytes) -> Option<u64> {
+        let session = self.session.as_mut()?;
+        let me_too = u64::from(self.server_has.contains(&channel));
+        let sent: redis::RedisResult<u64> = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(&payload[..])
+            .query_async(&mut session.conn)
+            .await;
+        match sent {
+            Ok(n) => Some(n.saturating_sub(me_too)),
+            Err(e) => {
+                tracing::debug!(error = %e, "publish failed");
+                self.lost();
+                None
+            }
+        }
+    }
+}
+
+/// A user or room subscription: NATS's forwarding task, and whether the broker confirmed it.
+type Sub = (Option<tokio::task::JoinHandle<()>>, bool);
+
 struct Bridge {
     shared: Node,
-    client: async_nats::Client,
+    link: Link,
+    /// Random per process: tells this node's own heartbeats (echoed by Redis) from a
+    /// duplicate node id's.
+    nonce: u64,
     me: String,
     prefix: String,
     /// This node's user and room subscriptions: the forwarding task, and whether the
     /// broker confirmed it (a round trip returned after it).
-    subs: HashMap<(Kind, Box<str>), (tokio::task::JoinHandle<()>, bool)>,
+    subs: HashMap<(Kind, Box<str>), Sub>,
     confirms: Vec<(usize, Kind, Box<str>, u64)>,
     pending: HashMap<u64, Gather>,
     next_token: u64,
@@ -367,14 +618,44 @@ struct Bridge {
     answer_hello: bool,
     /// When a duplicate node id was last reported.
     duplicate_warned: Option<Instant>,
-    in_tx: mpsc::Sender<async_nats::Message>,
+    in_tx: mpsc::Sender<Incoming>,
     /// Messages for each core, sent as one batch per drain.
     batches: Vec<Vec<Msg>>,
 }
 
-async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
+async fn run(shared: Node, rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
     let me = shared.cluster.node.clone();
     let prefix = shared.cluster.prefix.clone();
+    let link = match shared.urls.first() {
+        Some(url) if is_redis(url) => redis_link(url.trim()).await,
+        _ => Link::Nats(nats_client(&shared, &me, &prefix).await),
+    };
+    bridge(shared, rx, link, me, prefix).await
+}
+
+async fn redis_link(url: &str) -> Link {
+    let client = loop {
+        match redis::Client::open(url) {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the broker client; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    Link::Redis(Box::new(RedisLink {
+        client,
+        session: None,
+        gen: 0,
+        next_attempt: Instant::now(),
+        attempts: 0,
+        wanted: HashSet::new(),
+        server_has: HashSet::new(),
+        dirty: HashSet::new(),
+    }))
+}
+
+async fn nats_client(shared: &Node, me: &str, prefix: &str) -> async_nats::Client {
     let addrs: Vec<async_nats::ServerAddr> = shared
         .urls
         .iter()
@@ -394,7 +675,7 @@ async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>)
             a.password().map(percent_decode),
         )
     });
-    let client = loop {
+    loop {
         let mut opts = async_nats::ConnectOptions::new();
         opts = match creds.clone() {
             Some((user, Some(pass))) => opts.user_and_password(user, pass),
@@ -414,18 +695,31 @@ async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>)
             .subscription_capacity(1 << 16)
             .client_capacity(1 << 12);
         match opts.connect(addrs.clone()).await {
-            Ok(c) => break c,
+            Ok(c) => return c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot set up the broker client; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-    };
+    }
+}
+
+async fn bridge(
+    shared: Node,
+    mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>,
+    link: Link,
+    me: String,
+    prefix: String,
+) {
     let (in_tx, mut in_rx) = mpsc::channel(1 << 16);
     let mut b = Bridge {
         batches: (0..shared.mailboxes.len()).map(|_| Vec::new()).collect(),
         shared,
-        client,
+        link,
+        nonce: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()).rotate_left(32),
         me: me.clone(),
         prefix: prefix.clone(),
         subs: HashMap::new(),
@@ -452,8 +746,13 @@ async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>)
         format!("{prefix}.hb"),
         format!("{prefix}.n.{}", encode_name(&me)),
     ] {
-        b.subscribe(s).await;
+        if let Link::Redis(r) = &mut b.link {
+            r.want(s, true);
+        } else {
+            b.subscribe(s).await;
+        }
     }
+    b.maintain().await;
     tracing::info!(node = %me, %prefix, "cluster bridge started");
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut hb = tokio::time::interval(HEARTBEAT);
@@ -486,6 +785,7 @@ async fn run(shared: Node, mut rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>)
                 }
             }
             _ = tick.tick() => {
+                b.maintain().await;
                 if b.tick() {
                     // Just (re)connected: tell the others, and ask for their heartbeats.
                     b.heartbeat(HELLO).await;
@@ -506,12 +806,15 @@ impl Bridge {
 
     /// Subscribes and forwards every message to the bridge's loop.
     async fn subscribe(&mut self, subject: String) -> Option<tokio::task::JoinHandle<()>> {
-        match self.client.subscribe(subject.clone()).await {
+        let Link::Nats(client) = &self.link else {
+            return None;
+        };
+        match client.subscribe(subject.clone()).await {
             Ok(mut sub) => {
                 let tx = self.in_tx.clone();
                 Some(tokio::spawn(async move {
                     while let Some(m) = sub.next().await {
-                        if tx.send(m).await.is_err() {
+                        if tx.send(Incoming::Msg(m.payload)).await.is_err() {
                             break;
                         }
                     }
@@ -524,18 +827,54 @@ impl Bridge {
         }
     }
 
-    async fn publish(&self, subject: String, payload: Bytes) -> bool {
+    async fn publish(&mut self, subject: String, payload: Bytes) -> bool {
+        self.publish_counted(subject, payload).await.is_some()
+    }
+
+    /// Publishes: `None` when not sent; `Some(Some(n))` on Redis, `n` other nodes received
+    /// it; `Some(None)` on NATS (who received it is unknown).
+    async fn publish_counted(&mut self, subject: String, payload: Bytes) -> Option<Option<u64>> {
         if !self.connected {
-            return false;
+            return None;
         }
-        match self.client.publish(subject, payload).await {
+        let sent = match &mut self.link {
+            Link::Nats(client) => match client.publish(subject, payload).await {
+                Ok(()) => Some(None),
+                Err(e) => {
+                    tracing::debug!(error = %e, "publish failed");
+                    None
+                }
+            },
+            Link::Redis(r) => r.publish(subject, payload).await.map(Some),
+        };
+        if sent.is_some() {
+            self.cs().to_broker.fetch_add(1, Relaxed);
+        }
+        sent
+    }
+
+    /// Redis: reconnects when due (at most a second between attempts).
+    async fn maintain(&mut self) {
+        let Link::Redis(r) = &mut self.link else {
+            return;
+        };
+        if r.session.is_some() || Instant::now() < r.next_attempt {
+            return;
+        }
+        match r.connect(&self.in_tx).await {
             Ok(()) => {
-                self.cs().to_broker.fetch_add(1, Relaxed);
-                true
+                // Every subscription is in place again (confirmed by the server).
+                for sub in self.subs.values_mut() {
+                    sub.1 = true;
+                }
             }
             Err(e) => {
-                tracing::debug!(error = %e, "publish failed");
-                false
+                r.attempts += 1;
+                if r.attempts == 1 || r.attempts % 60 == 0 {
+                    tracing::warn!(error = %e, "cannot connect to the broker; retrying");
+                }
+                let delay = (u64::from(r.attempts) * 100).min(1000);
+                r.next_attempt = Instant::now() + Duration::from_millis(delay);
             }
         }
     }
@@ -570,16 +909,25 @@ impl Bridge {
                 let key = (kind, name.clone());
                 if !self.subs.contains_key(&key) {
                     let subject = subject(&self.prefix, kind, &name);
-                    if let Some(h) = self.subscribe(subject).await {
-                        self.subs.insert(key, (h, false));
+                    if let Link::Redis(r) = &mut self.link {
+                        // Subscribed (one SUBSCRIBE for the batch) in `confirm`.
+                        r.want(subject, true);
+                        self.subs.insert(key, (None, false));
+                    } else if let Some(h) = self.subscribe(subject).await {
+                        self.subs.insert(key, (Some(h), false));
                     }
                 }
                 self.confirms.push((core, kind, name, seq));
             }
             ClusterOut::Interest { kind, name, .. } => {
-                if let Some((h, _)) = self.subs.remove(&(kind, name)) {
-                    // Dropping the subscriber unsubscribes.
-                    h.abort();
+                if let Some((h, _)) = self.subs.remove(&(kind, name.clone())) {
+                    if let Some(h) = h {
+                        // Dropping the subscriber unsubscribes.
+                        h.abort();
+                    }
+                    if let Link::Redis(r) = &mut self.link {
+                        r.want(subject(&self.prefix, kind, &name), false);
+                    }
                 }
             }
             ClusterOut::Request { req, waiter } => {
@@ -634,14 +982,22 @@ impl Bridge {
         };
         let name = target.map_or("", |t| t.1);
         let payload = encode(kind, token, &self.me, name, body);
-        let sent = self.publish(subject, payload).await;
+        let sent = self.publish_counted(subject, payload).await;
         let Some(waiter) = waiter else { return };
-        let waiting: HashSet<String> = self.live_others().collect();
-        if !sent || waiting.is_empty() {
+        let waiting = match sent {
+            // Redis: exactly the nodes that received the request answer it.
+            Some(Some(n)) => Waiting::Count {
+                left: n as usize,
+                seen: HashSet::new(),
+            },
+            Some(None) => Waiting::Nodes(self.live_others().collect()),
+            None => Waiting::Nodes(HashSet::new()),
+        };
+        if waiting.is_empty() {
             self.hand_to_core(waiter.core(), Msg::Count { waiter, n: 0 });
             return;
         }
-        if let Some((k, name)) = target {
+        if let (Some((k, name)), Waiting::Nodes(_)) = (target, &waiting) {
             let probe = encode(PROBE, token, &self.me, name, &[k as u8]);
             self.publish(format!("{}.q", self.prefix), probe).await;
         }
@@ -667,10 +1023,19 @@ impl Bridge {
 
     /// After subscribing: one round trip to the server, then the cores go on.
     async fn confirm(&mut self) {
+        if let Link::Redis(r) = &mut self.link {
+            // Redis answers a SUBSCRIBE on the pub/sub connection once it holds it: awaiting
+            // that is the round trip.
+            if !r.sync().await {
+                tracing::warn!("subscribing failed; reconnecting");
+                r.lost();
+            }
+        }
         if self.confirms.is_empty() {
             return;
         }
-        if self.connected && !self.round_trip().await {
+        let nats = matches!(self.link, Link::Nats(_));
+        if nats && self.connected && !self.round_trip().await {
             tracing::warn!("no round trip to the broker; welcoming anyway (serving locally)");
         }
         for (core, kind, name, seq) in std::mem::take(&mut self.confirms) {
@@ -687,8 +1052,11 @@ impl Bridge {
     /// the server itself ("no responders") once it has processed the request, hence every
     /// command before it on this connection.
     async fn round_trip(&self) -> bool {
+        let Link::Nats(client) = &self.link else {
+            return true;
+        };
         let subject = format!("{}.sync.{}", self.prefix, encode_name(&self.me));
-        let asked = self.client.request(subject, Bytes::new());
+        let asked = client.request(subject, Bytes::new());
         match tokio::time::timeout(Duration::from_secs(2), asked).await {
             Ok(Ok(_)) => true,
             Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => true,
@@ -700,10 +1068,29 @@ impl Bridge {
         }
     }
 
-    async fn incoming(&mut self, msg: async_nats::Message) {
-        self.cs().from_broker.fetch_add(1, Relaxed);
-        let payload = msg.payload;
+    async fn incoming(&mut self, msg: Incoming) {
+        let payload = match msg {
+            Incoming::Msg(p) => p,
+            Incoming::Lost(gen) => {
+                if let Link::Redis(r) = &mut self.link {
+                    if r.gen == gen && r.session.is_some() {
+                        r.lost();
+                    }
+                }
+                return;
+            }
+        };
         let Some(w) = decode(&payload) else { return };
+        let redis = matches!(self.link, Link::Redis(_));
+        if w.origin == self.me && redis {
+            // Redis echoes this node's own messages back. Only a heartbeat with another
+            // process's nonce means a duplicate id.
+            let hb = matches!(w.kind, HEARTBEAT_KIND | HELLO | BYE);
+            if !hb || payload.get(w.body..) == Some(&self.nonce.to_le_bytes()[..]) {
+                return;
+            }
+        }
+        self.cs().from_broker.fetch_add(1, Relaxed);
         if w.origin == self.me {
             // With no_echo this node never hears itself: another node uses the same id, and
             // each takes the other's messages for its own. Say so, at most every 10 s.
@@ -797,7 +1184,7 @@ impl Bridge {
             self.cs().late_answers.fetch_add(1, Relaxed);
             return;
         };
-        if !g.waiting.remove(node) {
+        if !g.waiting.answered(node) {
             self.cs().late_answers.fetch_add(1, Relaxed);
             return;
         }
@@ -821,10 +1208,13 @@ impl Bridge {
         }
         let leaving = self.cs().leaving.load(Relaxed);
         let kind = if leaving { BYE } else { kind };
-        let p = encode(kind, 0, &self.me, "", &[]);
+        let p = encode(kind, 0, &self.me, "", &self.nonce.to_le_bytes());
         if self.publish(format!("{}.hb", self.prefix), p).await && leaving {
-            // Flushed, so the goodbye is out before the process exits.
-            let _ = tokio::time::timeout(Duration::from_millis(500), self.client.flush()).await;
+            // Flushed, so the goodbye is out before the process exits (Redis: the PUBLISH
+            // was answered).
+            if let Link::Nats(client) = &self.link {
+                let _ = tokio::time::timeout(Duration::from_millis(500), client.flush()).await;
+            }
             self.said_bye = true;
             self.cs().bye_sent.store(true, Relaxed);
         } else if leaving && !self.connected {
@@ -839,7 +1229,8 @@ impl Bridge {
         self.last_seen.remove(node);
         let mut done = Vec::new();
         for (token, g) in self.pending.iter_mut() {
-            if g.waiting.remove(node) && g.waiting.is_empty() {
+            g.waiting.forget(node);
+            if g.waiting.is_empty() {
                 done.push(*token);
             }
         }
@@ -857,10 +1248,13 @@ impl Bridge {
     /// (re)connected.
     fn tick(&mut self) -> bool {
         self.cs().settle();
-        let connected = matches!(
-            self.client.connection_state(),
-            async_nats::connection::State::Connected
-        );
+        let connected = match &self.link {
+            Link::Nats(client) => matches!(
+                client.connection_state(),
+                async_nats::connection::State::Connected
+            ),
+            Link::Redis(r) => r.session.is_some(),
+        };
         let was = self.connected;
         if connected != self.connected {
             if connected {
@@ -889,7 +1283,7 @@ impl Bridge {
         let mut done = Vec::new();
         for (token, g) in self.pending.iter_mut() {
             // Nodes that stopped being live, or everyone when the broker is gone.
-            g.waiting.retain(|n| connected && live.contains(n));
+            g.waiting.retain_live(connected, &live);
             if g.waiting.is_empty() {
                 done.push(*token);
             } else if now >= g.deadline {

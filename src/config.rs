@@ -266,8 +266,8 @@ pub struct Config {
     pub rate_limit_close_after: u32,
 
     /// Cluster mode: the broker shared by every node, `nats://[user:pass@]HOST:PORT`
-    /// (comma-separated URLs: servers of one NATS cluster). Unset: a single node, no broker.
-    /// Redis is not implemented yet.
+    /// (comma-separated URLs: servers of one NATS cluster) or `redis://[:pass@]HOST:PORT`
+    /// (one URL). Unset: a single node, no broker.
     #[arg(
         help_heading = "Cluster",
         long,
@@ -406,16 +406,32 @@ impl Config {
         if self.cluster.is_empty() {
             return Ok(());
         }
+        if self.cluster.iter().any(|u| crate::cluster::is_redis(u)) {
+            if self.cluster.len() > 1 {
+                return Err(
+                    "--cluster: give one redis:// URL (Redis Cluster and Sentinel are not \
+                     supported), and never mix redis:// with nats://"
+                        .into(),
+                );
+            }
+            let url = self.cluster[0].trim();
+            if let Err(e) = redis::Client::open(url) {
+                return Err(format!("--cluster {url}: {e}"));
+            }
+        }
         for url in &self.cluster {
             let lower = url.trim().to_ascii_lowercase();
-            if lower.starts_with("redis://") || lower.starts_with("rediss://") {
+            if lower.starts_with("rediss://") {
                 return Err(format!(
-                    "--cluster {url}: Redis is not implemented yet; use a nats:// URL"
+                    "--cluster {url}: TLS to Redis (rediss://) is not supported; use redis://"
                 ));
+            }
+            if lower.starts_with("redis://") {
+                continue;
             }
             if !lower.starts_with("nats://") || lower.len() == "nats://".len() {
                 return Err(format!(
-                    "--cluster {url}: expected nats://HOST:PORT (the scheme picks the broker)"
+                    "--cluster {url}: expected nats://HOST:PORT or redis://HOST:PORT (the scheme picks the broker)"
                 ));
             }
         }
@@ -655,8 +671,11 @@ mod tests {
         assert_eq!(c.cluster_prefix, "wsgate");
         assert_eq!(c.cluster_timeout, Duration::from_secs(2));
         let c = Config::parse_from(["wsgate", "--cluster", "redis://127.0.0.1:6379"]);
-        let e = c.validate().unwrap_err();
-        assert!(e.contains("Redis is not implemented yet"), "{e}");
+        assert!(c.validate().is_ok());
+        let c = Config::parse_from(["wsgate", "--cluster", "redis://a:1,nats://b:2"]);
+        assert!(c.validate().unwrap_err().contains("one redis:// URL"));
+        let c = Config::parse_from(["wsgate", "--cluster", "rediss://a:1"]);
+        assert!(c.validate().unwrap_err().contains("not supported"));
         let c = Config::parse_from(["wsgate", "--cluster", "http://x"]);
         assert!(c.validate().unwrap_err().contains("nats://"));
         let c = Config::parse_from(["wsgate", "--cluster", "nats://a:1,nats://b:2"]);

@@ -1,9 +1,12 @@
-//! Cluster mode over NATS, end to end: a real `nats-server` process on a free loopback port
-//! and three real wsgate nodes (`--workers 2`), real sockets. Every wait is bounded and polls
-//! for its condition; nothing asserts on a fixed sleep.
+//! Cluster mode end to end, over NATS and over Redis: a real `nats-server` or `redis-server`
+//! process on a free loopback port and three real wsgate nodes (`--workers 2`), real sockets.
+//! Every scenario runs against both brokers (`nats::NAME` and `redis::NAME`), except the
+//! NATS-only ones (a three-server NATS cluster, permissions on `PREFIX.>`). Every wait is
+//! bounded and polls for its condition; nothing asserts on a fixed sleep.
 //!
-//! `nats-server` must be installed (Debian package `nats-server`; `scripts/test-cluster.sh`
-//! installs it). When it cannot be started these tests fail, never skip.
+//! `nats-server` and `redis-server` must be installed (Debian packages of those names;
+//! `scripts/test-cluster.sh` installs them). When one cannot be started these tests fail,
+//! never skip.
 
 mod common;
 
@@ -14,8 +17,51 @@ use std::time::{Duration, Instant};
 use common::{http, wait_for, Client, Gateway, T};
 use serde_json::{json, Value};
 
-/// A `nats-server` process on a loopback port; killed when dropped.
+/// Which broker a scenario runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Nats,
+    Redis,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Nats => "nats",
+            Kind::Redis => "redis",
+        }
+    }
+}
+
+/// Every scenario below, as one `#[test]` per broker.
+macro_rules! on_both_brokers {
+    ($($name:ident),* $(,)?) => {
+        mod nats {
+            $(#[test] fn $name() { super::$name(super::Kind::Nats) })*
+        }
+        mod redis {
+            $(#[test] fn $name() { super::$name(super::Kind::Redis) })*
+        }
+    };
+}
+
+on_both_brokers!(
+    send_publish_broadcast_presence_disconnect_sum_over_nodes,
+    routable_at_welcome_and_member_at_join_ack_across_nodes,
+    order_per_sender_across_nodes_and_the_cost_of_an_ack,
+    ids_with_special_characters_are_safe,
+    two_prefixes_on_one_broker_are_separate_clusters,
+    a_killed_node_is_left_out_within_3s,
+    a_frozen_node_is_left_out_then_resumes,
+    a_new_node_is_reached_and_counted_within_5s,
+    a_node_shutting_down_says_goodbye,
+    broker_restart_delivery_resumes_without_reconnecting_clients,
+    a_node_starts_without_its_broker,
+);
+
+/// A `nats-server` or `redis-server` process on a loopback port; killed when dropped.
 struct Broker {
+    kind: Kind,
     child: Option<Child>,
     port: u16,
     /// More flags (servers of a NATS cluster, a config file).
@@ -33,8 +79,9 @@ fn free_port() -> u16 {
 }
 
 impl Broker {
-    fn start() -> Broker {
+    fn start(kind: Kind) -> Broker {
         let mut b = Broker {
+            kind,
             child: None,
             port: free_port(),
             cluster: Vec::new(),
@@ -63,6 +110,7 @@ impl Broker {
         )
         .unwrap();
         let mut b = Broker {
+            kind: Kind::Nats,
             child: None,
             port: free_port(),
             cluster: vec!["-c".into(), conf.to_string_lossy().into()],
@@ -90,6 +138,7 @@ impl Broker {
         (0..3)
             .map(|i| {
                 let mut b = Broker {
+                    kind: Kind::Nats,
                     child: None,
                     port: free_port(),
                     log: None,
@@ -114,9 +163,30 @@ impl Broker {
     }
 
     fn spawn(&mut self) {
-        let bin = std::env::var("WSGATE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let (var, default, args) = match self.kind {
+            Kind::Nats => (
+                "WSGATE_NATS_SERVER",
+                "nats-server",
+                vec!["-a", "127.0.0.1", "-p"],
+            ),
+            Kind::Redis => (
+                "WSGATE_REDIS_SERVER",
+                "redis-server",
+                vec![
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--port",
+                ],
+            ),
+        };
+        let bin = std::env::var(var).unwrap_or_else(|_| default.into());
         let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .arg(self.port.to_string())
             .args(&self.cluster)
             .stdout(Stdio::null())
             .stderr(match &self.log {
@@ -125,19 +195,17 @@ impl Broker {
             })
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start {bin} ({e}): install it with scripts/test-cluster.sh or apt-get install -y nats-server")
+                panic!("cannot start {bin} ({e}): install it with scripts/test-cluster.sh or apt-get install -y {default}")
             });
         self.child = Some(child);
         let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
-        wait_for(
-            "nats-server to accept",
-            Duration::from_secs(10),
-            &mut || TcpStream::connect(addr).is_ok(),
-        );
+        wait_for("the broker to accept", Duration::from_secs(10), &mut || {
+            TcpStream::connect(addr).is_ok()
+        });
     }
 
     fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.kind.name(), self.port)
     }
 
     /// `kill -9`, and waits for the process to be gone.
@@ -236,9 +304,8 @@ fn publish_acked(c: &mut Client, room: &str, data: Value, id: u64) -> u64 {
     v["delivered"].as_u64().unwrap_or_else(|| panic!("{v}"))
 }
 
-#[test]
-fn send_publish_broadcast_presence_disconnect_sum_over_nodes() {
-    let broker = Broker::start();
+fn send_publish_broadcast_presence_disconnect_sum_over_nodes(kind: Kind) {
+    let broker = Broker::start(kind);
     let n = three(&broker, "wsgate");
     let mut a1 = n[0].connect("alice");
     let mut a2 = n[1].connect("alice");
@@ -321,7 +388,7 @@ fn send_publish_broadcast_presence_disconnect_sum_over_nodes() {
     // What an operator sees.
     let s = n[0].stats();
     assert_eq!(s["cluster"]["node"], "n1");
-    assert_eq!(s["cluster"]["broker"], "nats");
+    assert_eq!(s["cluster"]["broker"], kind.name());
     assert_eq!(s["cluster"]["nodes"], json!(["n1", "n2", "n3"]));
     let (status, body) = http(n[0].addr, "GET", "/readyz", None, &[]);
     assert_eq!((status, body.as_str()), (200, "ready"));
@@ -332,9 +399,8 @@ fn send_publish_broadcast_presence_disconnect_sum_over_nodes() {
     assert_eq!(n[0].metric("wsgate_cluster_missing_answers_total", ""), 0.0);
 }
 
-#[test]
-fn routable_at_welcome_and_member_at_join_ack_across_nodes() {
-    let broker = Broker::start();
+fn routable_at_welcome_and_member_at_join_ack_across_nodes(kind: Kind) {
+    let broker = Broker::start(kind);
     let n = three(&broker, "wsgate");
     let mut sender = n[0].connect("sender");
     for i in 0..100u64 {
@@ -354,9 +420,8 @@ fn routable_at_welcome_and_member_at_join_ack_across_nodes() {
     }
 }
 
-#[test]
-fn order_per_sender_across_nodes_and_the_cost_of_an_ack() {
-    let broker = Broker::start();
+fn order_per_sender_across_nodes_and_the_cost_of_an_ack(kind: Kind) {
+    let broker = Broker::start(kind);
     let n = three(&broker, "wsgate");
     let mut sender = n[0].connect("s");
     let mut r1 = n[1].connect("r");
@@ -405,9 +470,8 @@ fn order_per_sender_across_nodes_and_the_cost_of_an_ack() {
     local.close();
 }
 
-#[test]
-fn ids_with_special_characters_are_safe() {
-    let broker = Broker::start();
+fn ids_with_special_characters_are_safe(kind: Kind) {
+    let broker = Broker::start(kind);
     let n = three(&broker, "wsgate");
     let ids = ["a.b", "a", "b", "x:y@z", "x", "a-b_c", "a.b.c", "A.B"];
     let mut clients: Vec<Client> = ids
@@ -446,9 +510,8 @@ fn ids_with_special_characters_are_safe() {
     assert_eq!(recv_msg(&mut clients[0])["data"], "dot");
 }
 
-#[test]
-fn two_prefixes_on_one_broker_are_separate_clusters() {
-    let broker = Broker::start();
+fn two_prefixes_on_one_broker_are_separate_clusters(kind: Kind) {
+    let broker = Broker::start(kind);
     let p1: Vec<Gateway> = ["n1", "n2"]
         .iter()
         .map(|id| node(&broker, id, "one"))
@@ -479,9 +542,8 @@ fn two_prefixes_on_one_broker_are_separate_clusters() {
     wait_cluster(&p1, 2);
 }
 
-#[test]
-fn a_killed_node_is_left_out_within_3s() {
-    let broker = Broker::start();
+fn a_killed_node_is_left_out_within_3s(kind: Kind) {
+    let broker = Broker::start(kind);
     let mut n = three(&broker, "wsgate");
     let _k1 = n[0].connect("k");
     let _k3 = n[2].connect("k");
@@ -514,9 +576,8 @@ fn a_killed_node_is_left_out_within_3s() {
     );
 }
 
-#[test]
-fn a_frozen_node_is_left_out_then_resumes() {
-    let broker = Broker::start();
+fn a_frozen_node_is_left_out_then_resumes(kind: Kind) {
+    let broker = Broker::start(kind);
     let n = three(&broker, "wsgate");
     let _f1 = n[0].connect("f");
     let mut f3 = n[2].connect("f");
@@ -548,9 +609,8 @@ fn a_frozen_node_is_left_out_then_resumes() {
     wait_cluster(&n, 3);
 }
 
-#[test]
-fn a_new_node_is_reached_and_counted_within_5s() {
-    let broker = Broker::start();
+fn a_new_node_is_reached_and_counted_within_5s(kind: Kind) {
+    let broker = Broker::start(kind);
     let n = vec![node(&broker, "n1", "wsgate"), node(&broker, "n2", "wsgate")];
     wait_cluster(&n, 2);
     let started = Instant::now();
@@ -567,9 +627,8 @@ fn a_new_node_is_reached_and_counted_within_5s() {
     assert_eq!(recv_msg(&mut c)["data"], 1);
 }
 
-#[test]
-fn a_node_shutting_down_says_goodbye() {
-    let broker = Broker::start();
+fn a_node_shutting_down_says_goodbye(kind: Kind) {
+    let broker = Broker::start(kind);
     let mut n = three(&broker, "wsgate");
     let c = n[2].connect("bye");
     c.close();
@@ -595,9 +654,8 @@ fn a_node_shutting_down_says_goodbye() {
     );
 }
 
-#[test]
-fn broker_restart_delivery_resumes_without_reconnecting_clients() {
-    let mut broker = Broker::start();
+fn broker_restart_delivery_resumes_without_reconnecting_clients(kind: Kind) {
+    let mut broker = Broker::start(kind);
     let n = three(&broker, "wsgate");
     let mut far = n[1].connect("far");
     let mut near = n[0].connect("near");
@@ -755,19 +813,19 @@ fn permissions_on_the_prefix_alone_are_enough() {
 }
 
 #[test]
-fn flags_redis_refused_and_single_node_unchanged() {
+fn flags_checked_and_single_node_unchanged() {
     let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
         .args([
             "--listen",
             "127.0.0.1:0",
             "--cluster",
-            "redis://127.0.0.1:6379",
+            "redis://127.0.0.1:6379,nats://127.0.0.1:4222",
         ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("Redis is not implemented yet"), "{err}");
+    assert!(err.contains("one redis:// URL"), "{err}");
     // Without --cluster: no cluster section, ready, no broker thread.
     let g = Gateway::start(&[]);
     assert!(g.stats().get("cluster").is_none());
@@ -783,10 +841,51 @@ fn flags_redis_refused_and_single_node_unchanged() {
             .any(|t| t.contains("cluster") || t.contains("tokio")),
         "{threads:?}"
     );
-    // A node starts even when the broker is unreachable, and says so.
-    let g = Gateway::start(&["--cluster", &format!("nats://127.0.0.1:{}", free_port())]);
+}
+
+/// A node starts even when the broker is unreachable, says so, and joins once it is there.
+fn a_node_starts_without_its_broker(kind: Kind) {
+    let mut broker = Broker::start(kind);
+    broker.kill();
+    let g = node(&broker, "solo", "wsgate");
     let mut c = g.connect("solo");
     assert_eq!(common::send_acked(&mut c, "solo", json!(1), 1), 1);
+    assert_eq!(recv_msg(&mut c)["data"], 1);
+    let (status, body) = http(g.addr, "GET", "/readyz", None, &[]);
+    assert_eq!((status, body.as_str()), (503, "broker disconnected"));
+    assert_eq!(g.stats()["cluster"]["broker"], kind.name());
+    broker.spawn();
+    let other = node(&broker, "other", "wsgate");
+    let n = [g, other];
+    wait_cluster(&n, 2);
+    assert_eq!(api_send(&n[1], "solo", json!(2)), 1);
+    assert_eq!(recv_msg(&mut c)["data"], 2);
+}
+
+/// Redis: credentials in the URL (`redis://:password@host`).
+#[test]
+fn redis_password_in_the_url() {
+    let mut broker = Broker {
+        kind: Kind::Redis,
+        child: None,
+        port: free_port(),
+        cluster: vec!["--requirepass".into(), "s3cret".into()],
+        log: None,
+    };
+    broker.spawn();
+    let url = format!("redis://:s3cret@127.0.0.1:{}", broker.port);
+    let n: Vec<Gateway> = ["n1", "n2"]
+        .iter()
+        .map(|id| Gateway::start(&["--cluster", &url, "--node-id", id]))
+        .collect();
+    wait_cluster(&n, 2);
+    let mut c = n[1].connect("u");
+    assert_eq!(api_send(&n[0], "u", json!(1)), 1);
+    assert_eq!(recv_msg(&mut c)["data"], 1);
+    // Without the password: never connected.
+    let bad = format!("redis://127.0.0.1:{}", broker.port);
+    let g = Gateway::start(&["--cluster", &bad, "--node-id", "x"]);
+    let _x = g.connect("x");
     let (status, body) = http(g.addr, "GET", "/readyz", None, &[]);
     assert_eq!((status, body.as_str()), (503, "broker disconnected"));
 }
@@ -815,7 +914,7 @@ fn start_bin(bin: &str, args: &[&str]) -> Gateway {
 fn measure_the_cost_of_crossing_nodes() {
     let bin = std::env::var("WSGATE_MEASURE_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wsgate").to_string());
-    let broker = Broker::start();
+    let broker = Broker::start(Kind::Nats);
     let url = broker.url();
     let n: Vec<Gateway> = ["n1", "n2", "n3"]
         .iter()
@@ -878,7 +977,7 @@ fn measure_memory_per_user() {
     let bin = std::env::var("WSGATE_MEASURE_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wsgate").to_string());
     const USERS: usize = 3000;
-    let broker = Broker::start();
+    let broker = Broker::start(Kind::Nats);
     let url = broker.url();
     let single = start_bin(&bin, &[]);
     let cluster = start_bin(&bin, &["--cluster", &url, "--node-id", "m"]);
