@@ -1190,14 +1190,18 @@ impl Bridge {
         }
         g.sum += n;
         if g.waiting.is_empty() {
-            let g = self.pending.remove(&token).expect("present");
-            self.hand_to_core(
-                g.waiter.core(),
-                Msg::Count {
-                    waiter: g.waiter,
-                    n: g.sum,
-                },
-            );
+            self.settle(token);
+        }
+    }
+
+    /// A gather is complete (or given up on): its sum goes to the waiting core.
+    fn settle(&mut self, token: u64) {
+        if let Some(g) = self.pending.remove(&token) {
+            let msg = Msg::Count {
+                waiter: g.waiter,
+                n: g.sum,
+            };
+            self.hand_to_core(g.waiter.core(), msg);
         }
     }
 
@@ -1235,12 +1239,7 @@ impl Bridge {
             }
         }
         for token in done {
-            let g = self.pending.remove(&token).expect("present");
-            let msg = Msg::Count {
-                waiter: g.waiter,
-                n: g.sum,
-            };
-            self.hand_to_core(g.waiter.core(), msg);
+            self.settle(token);
         }
     }
 
@@ -1295,14 +1294,7 @@ impl Bridge {
             }
         }
         for token in done {
-            let g = self.pending.remove(&token).expect("present");
-            self.hand_to_core(
-                g.waiter.core(),
-                Msg::Count {
-                    waiter: g.waiter,
-                    n: g.sum,
-                },
-            );
+            self.settle(token);
         }
         *self.cs().nodes.lock().unwrap() = nodes;
         connected && !was
