@@ -5,23 +5,8 @@
 use wsgate::codec::{self, Decoder};
 use wsgate::{http, protocol};
 
-/// xorshift64*: small, seeded, good enough to explore inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+mod common;
+use common::Rng;
 
 /// Flips, inserts, deletes and duplicates bytes of `seed`.
 fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {

@@ -5,22 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{http, send_acked, Gateway};
-
-/// The venv with the Python clients (created by the project's script on first use).
-fn venv() -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let setup = Command::new("bash")
-        .arg(format!("{root}/scripts/setup-python.sh"))
-        .output()
-        .expect("run scripts/setup-python.sh");
-    assert!(
-        setup.status.success(),
-        "setting up the Python clients failed: {}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
-    String::from_utf8(setup.stdout).unwrap().trim().to_string()
-}
+use common::{http, send_acked, venv, Gateway};
 
 #[test]
 fn python_websockets_client_speaks_the_protocol() {

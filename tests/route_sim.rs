@@ -35,27 +35,8 @@ use wsgate::route::{
 };
 use wsgate::stats::CoreStats;
 
-/// xorshift64*: seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
-        if v.is_empty() {
-            None
-        } else {
-            Some(&v[self.below(v.len())])
-        }
-    }
-}
+mod common;
+use common::Rng;
 
 /// A simulated connection, named by an id that is never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -16,7 +16,7 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
-use common::{wait_for, Gateway, T};
+use common::{venv, wait_for, Gateway, T};
 
 type Tls = StreamOwned<ClientConnection, TcpStream>;
 
@@ -297,21 +297,6 @@ fn large_messages_cross_many_tls_records_both_ways() {
             other => panic!("expected the echo of {size} bytes, got {other:?}"),
         }
     }
-}
-
-/// The venv with Python's `websockets` (see tests/python_client.rs).
-fn venv() -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let setup = Command::new("bash")
-        .arg(format!("{root}/scripts/setup-python.sh"))
-        .output()
-        .expect("run scripts/setup-python.sh");
-    assert!(
-        setup.status.success(),
-        "setting up the Python clients failed: {}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
-    String::from_utf8(setup.stdout).unwrap().trim().to_string()
 }
 
 #[test]

@@ -271,3 +271,48 @@ fn samples<'a>(m: &'a str, name: &'a str, labels: &'a str) -> impl Iterator<Item
 pub fn metric_in(m: &str, name: &str, labels: &str) -> f64 {
     samples(m, name, labels).sum()
 }
+
+/// The venv with the Python clients (`websockets`, `prometheus-client`), created by the
+/// project's script on first use; returns its path.
+pub fn venv() -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let setup = Command::new("bash")
+        .arg(format!("{root}/scripts/setup-python.sh"))
+        .output()
+        .expect("run scripts/setup-python.sh");
+    assert!(
+        setup.status.success(),
+        "setting up the Python clients failed: {}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    String::from_utf8(setup.stdout).unwrap().trim().to_string()
+}
+
+/// xorshift64*: small, seeded, reproducible (the randomized tests and the simulation).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
+        if v.is_empty() {
+            None
+        } else {
+            Some(&v[self.below(v.len())])
+        }
+    }
+}
