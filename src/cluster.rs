@@ -45,7 +45,12 @@
 //! cores counted), and the others answer a *probe* published on `PREFIX.q` right after the
 //! request: a node that is not subscribed to the target answers it with 0 at once, one that
 //! is subscribed (and had the subscription confirmed) leaves it to the request, which reached
-//! it first: the broker delivers one publisher's messages in order. The gather ends when every expected node has
+//! it first: the broker delivers one publisher's messages in order. Probes and answers travel
+//! in batches: the bridge drains up to 1,025 commands at a time, publishes their requests,
+//! then *one* probe message listing every counted request of the drain (token, kind, name);
+//! each node answers everything it owes one origin in one message of (token, count) pairs.
+//! So a counted request costs its own publish plus a share of two messages per node, not two
+//! messages per node. The gather ends when every expected node has
 //! answered, when a node stops being live, or at `--cluster-timeout` (then the missing
 //! nodes are left out and counted in `wsgate_cluster_missing_answers_total`). So an ack costs
 //! one broker round trip, not a fixed quiet window. With the broker down, requests are not
@@ -314,6 +319,46 @@ pub fn decode(p: &[u8]) -> Option<Wire<'_>> {
         origin,
         name,
         body: at + 2 + nlen,
+    })
+}
+
+/// Largest batch of probes or answers in one broker message (well under NATS' 1 MB
+/// default payload limit); a batch that reaches it is published at once.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Appends a probe entry: token, target kind, name.
+fn put_probe(b: &mut BytesMut, token: u64, kind: Kind, name: &str) {
+    let name = &name.as_bytes()[..name.len().min(65535)];
+    b.put_u64_le(token);
+    b.put_u8(kind as u8);
+    b.put_u16_le(name.len() as u16);
+    b.put_slice(name);
+}
+
+/// The entries of a probe batch; stops at the first malformed one (never trusted).
+fn probes(mut p: &[u8]) -> impl Iterator<Item = (u64, Kind, &str)> {
+    std::iter::from_fn(move || {
+        let token = u64::from_le_bytes(p.get(..8)?.try_into().ok()?);
+        let kind = if *p.get(8)? == Kind::Room as u8 {
+            Kind::Room
+        } else {
+            Kind::User
+        };
+        let len = usize::from(u16::from_le_bytes(p.get(9..11)?.try_into().ok()?));
+        let name = std::str::from_utf8(p.get(11..11 + len)?).ok()?;
+        p = &p[11 + len..];
+        Some((token, kind, name))
+    })
+}
+
+/// The entries of an answer batch: (token, count) pairs; a trailing partial one is ignored.
+fn answers(p: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    p.chunks_exact(16).map(|c| {
+        let (t, n) = c.split_at(8);
+        (
+            u64::from_le_bytes(t.try_into().unwrap_or_default()),
+            u64::from_le_bytes(n.try_into().unwrap_or_default()),
+        )
     })
 }
 
@@ -621,6 +666,10 @@ struct Bridge {
     in_tx: mpsc::Sender<Incoming>,
     /// Messages for each core, sent as one batch per drain.
     batches: Vec<Vec<Msg>>,
+    /// NATS: probes for this drain's counted requests, published as one message after them.
+    probe_batch: BytesMut,
+    /// Answers owed to each origin node, published as one message per origin per drain.
+    answer_batches: HashMap<String, BytesMut>,
 }
 
 async fn run(shared: Node, rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
@@ -739,6 +788,8 @@ async fn bridge(
         answer_hello: false,
         duplicate_warned: None,
         in_tx,
+        probe_batch: BytesMut::new(),
+        answer_batches: HashMap::new(),
     };
     for s in [
         format!("{prefix}.b"),
@@ -767,6 +818,8 @@ async fn bridge(
                         Err(_) => break,
                     }
                 }
+                b.send_probes().await;
+                b.send_answers().await;
                 b.confirm().await;
                 b.flush_batches();
             }
@@ -779,6 +832,7 @@ async fn bridge(
                         Err(_) => break,
                     }
                 }
+                b.send_answers().await;
                 b.flush_batches();
                 if std::mem::take(&mut b.answer_hello) {
                     b.heartbeat(HEARTBEAT_KIND).await;
@@ -936,9 +990,7 @@ impl Bridge {
             }
             ClusterOut::Answer { token, n } => {
                 if let Some((origin, t)) = self.remote.remove(&token) {
-                    let p = encode(ANSWER, t, &self.me, "", &n.to_le_bytes());
-                    let s = format!("{}.n.{}", self.prefix, encode_name(&origin));
-                    self.publish(s, p).await;
+                    self.owe(origin, t, n).await;
                 }
             }
         }
@@ -998,8 +1050,12 @@ impl Bridge {
             return;
         }
         if let (Some((k, name)), Waiting::Nodes(_)) = (target, &waiting) {
-            let probe = encode(PROBE, token, &self.me, name, &[k as u8]);
-            self.publish(format!("{}.q", self.prefix), probe).await;
+            // Published once this drain's requests are out (`send_probes`): after the
+            // request, as the holders' answers require, and one probe for many requests.
+            put_probe(&mut self.probe_batch, token, k, name);
+            if self.probe_batch.len() >= BATCH_BYTES {
+                self.send_probes().await;
+            }
         }
         let deadline = Instant::now() + self.shared.timeout;
         self.pending.insert(
@@ -1120,31 +1176,27 @@ impl Bridge {
                 return;
             }
             ANSWER => {
-                let n = body
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, u64::from_le_bytes);
-                self.answer(w.token, w.origin, n);
+                for (token, n) in answers(&body) {
+                    self.answer(token, w.origin, n);
+                }
                 return;
             }
             PROBE => {
-                let kind = if body.first() == Some(&(Kind::Room as u8)) {
-                    Kind::Room
-                } else {
-                    Kind::User
-                };
-                // Subscribed (and confirmed, so the request, published before this probe, was
-                // delivered here): this node answers through the request itself. Otherwise 0
-                // now: a subscription still in flight concerns a connection not welcomed
-                // yet, which no count promises to include (its answer, if any, comes late).
-                let holder = self
-                    .subs
-                    .get(&(kind, Box::from(w.name)))
-                    .is_some_and(|s| s.1);
-                if !holder {
-                    let p = encode(ANSWER, w.token, &self.me, "", &0u64.to_le_bytes());
-                    let s = format!("{}.n.{}", self.prefix, encode_name(w.origin));
-                    self.publish(s, p).await;
+                // Per entry: subscribed (and confirmed, so the request, published before
+                // this probe, was delivered here): this node answers through the request
+                // itself. Otherwise 0 now: a subscription still in flight concerns a
+                // connection not welcomed yet, which no count promises to include (its
+                // answer, if any, comes late).
+                let origin = w.origin.to_string();
+                let mut zeros = Vec::new();
+                for (token, kind, name) in probes(&body) {
+                    let holder = self.subs.get(&(kind, Box::from(name))).is_some_and(|s| s.1);
+                    if !holder {
+                        zeros.push(token);
+                    }
+                }
+                for token in zeros {
+                    self.owe(origin.clone(), token, 0).await;
                 }
                 return;
             }
@@ -1192,6 +1244,40 @@ impl Bridge {
         if g.waiting.is_empty() {
             self.settle(token);
         }
+    }
+
+    /// Owes `origin` the answer `n` to its request `token`: sent with the others of this
+    /// drain (`send_answers`), at once when the batch is full.
+    async fn owe(&mut self, origin: String, token: u64, n: u64) {
+        let b = self.answer_batches.entry(origin).or_default();
+        b.put_u64_le(token);
+        b.put_u64_le(n);
+        if b.len() >= BATCH_BYTES {
+            self.send_answers().await;
+        }
+    }
+
+    /// Publishes the answers owed, one message per origin node.
+    async fn send_answers(&mut self) {
+        if self.answer_batches.is_empty() {
+            return;
+        }
+        let owed: Vec<(String, BytesMut)> = self.answer_batches.drain().collect();
+        for (origin, body) in owed {
+            let p = encode(ANSWER, 0, &self.me, "", &body);
+            let s = format!("{}.n.{}", self.prefix, encode_name(&origin));
+            self.publish(s, p).await;
+        }
+    }
+
+    /// Publishes this drain's probes as one message (NATS).
+    async fn send_probes(&mut self) {
+        if self.probe_batch.is_empty() {
+            return;
+        }
+        let body = self.probe_batch.split().freeze();
+        let p = encode(PROBE, 0, &self.me, "", &body);
+        self.publish(format!("{}.q", self.prefix), p).await;
     }
 
     /// A gather is complete (or given up on): its sum goes to the waiting core.
@@ -1379,5 +1465,42 @@ mod tests {
         }
         assert!(decode(&[]).is_none());
         assert!(decode(&[1, 0, 0]).is_none());
+    }
+
+    #[test]
+    fn probe_and_answer_batches_round_trip_and_stop_at_garbage() {
+        let mut b = BytesMut::new();
+        put_probe(&mut b, 7, Kind::User, "a.b");
+        put_probe(&mut b, u64::MAX, Kind::Room, "");
+        put_probe(&mut b, 9, Kind::User, "ü:@");
+        let got: Vec<_> = probes(&b).collect();
+        assert_eq!(
+            got,
+            vec![
+                (7, Kind::User, "a.b"),
+                (u64::MAX, Kind::Room, ""),
+                (9, Kind::User, "ü:@")
+            ]
+        );
+        for cut in 0..b.len() {
+            // A cut batch yields the whole entries before the cut, never a panic.
+            let n = probes(&b[..cut]).count();
+            assert!(n < 3, "cut {cut}");
+        }
+        // A length past the end stops the batch.
+        let mut bad = BytesMut::new();
+        bad.put_u64_le(1);
+        bad.put_u8(0);
+        bad.put_u16_le(u16::MAX);
+        assert_eq!(probes(&bad).count(), 0);
+
+        let mut a = BytesMut::new();
+        for (t, n) in [(1u64, 0u64), (u64::MAX, 3), (5, u64::MAX)] {
+            a.put_u64_le(t);
+            a.put_u64_le(n);
+        }
+        let got: Vec<_> = answers(&a).collect();
+        assert_eq!(got, vec![(1, 0), (u64::MAX, 3), (5, u64::MAX)]);
+        assert_eq!(answers(&a[..40]).count(), 2);
     }
 }

@@ -49,6 +49,7 @@ on_both_brokers!(
     send_publish_broadcast_presence_disconnect_sum_over_nodes,
     routable_at_welcome_and_member_at_join_ack_across_nodes,
     order_per_sender_across_nodes_and_the_cost_of_an_ack,
+    many_counted_requests_in_flight_are_each_counted_exactly,
     ids_with_special_characters_are_safe,
     two_prefixes_on_one_broker_are_separate_clusters,
     a_killed_node_is_left_out_within_3s,
@@ -468,6 +469,68 @@ fn order_per_sender_across_nodes_and_the_cost_of_an_ack(kind: Kind) {
          on the same node {same:?}, on another node {cross:?}"
     );
     local.close();
+}
+
+/// Hundreds of acked sends and publishes in flight at once, to targets held by one, two or
+/// no other node: the node batches their probes and answers (NATS), and every ack must still
+/// carry its exact count, none given up on at the timeout.
+fn many_counted_requests_in_flight_are_each_counted_exactly(kind: Kind) {
+    let broker = Broker::start(kind);
+    let n = three(&broker, "wsgate");
+    let mut sender = n[0].connect("s");
+    // (user, node) pairs: "a" on nodes 0 and 1, "b" on 1 and 2, "c" on 2 only.
+    let mut held: Vec<Client> = [("a", 0), ("a", 1), ("b", 1), ("b", 2), ("c", 2)]
+        .iter()
+        .map(|(u, i)| n[*i].connect(u))
+        .collect();
+    for (i, c) in held.iter_mut().enumerate() {
+        join(c, &format!("room-{}", i % 2), 100 + i as u64);
+    }
+    let expected = |i: u64| -> u64 {
+        match i % 6 {
+            0 | 1 => 2, // send to "a", "b"
+            2 => 1,     // send to "c"
+            3 => 0,     // send to nobody
+            4 => 3,     // publish to room-0: a@0, b@1, c@2
+            _ => 2,     // publish to room-1: a@1, b@2
+        }
+    };
+    const N: u64 = 600;
+    for i in 0..N {
+        let v = match i % 6 {
+            0 => json!({"type": "send", "to": "a", "data": i, "id": i}),
+            1 => json!({"type": "send", "to": "b", "data": i, "id": i}),
+            2 => json!({"type": "send", "to": "c", "data": i, "id": i}),
+            3 => json!({"type": "send", "to": "nobody", "data": i, "id": i}),
+            4 => json!({"type": "publish", "room": "room-0", "data": i, "id": i}),
+            _ => json!({"type": "publish", "room": "room-1", "data": i, "id": i}),
+        };
+        sender.send_json(&v).unwrap();
+    }
+    let start = Instant::now();
+    let mut seen = vec![false; N as usize];
+    for _ in 0..N {
+        let v = sender.recv(T).unwrap();
+        assert_eq!(v["type"], "ack", "{v}");
+        let id = v["id"].as_u64().unwrap();
+        assert!(
+            !std::mem::replace(&mut seen[id as usize], true),
+            "two acks for {id}"
+        );
+        assert_eq!(v["delivered"], expected(id), "ack {v}");
+    }
+    // Each received exactly its share.
+    let want = [N / 6 * 2, N / 6 * 2, N / 6 * 2, N / 6 * 2, N / 6 * 2];
+    for (c, want) in held.iter_mut().zip(want) {
+        for _ in 0..want {
+            recv_msg(c);
+        }
+    }
+    assert_eq!(n[0].metric("wsgate_cluster_missing_answers_total", ""), 0.0);
+    eprintln!(
+        "{N} counted requests in flight answered in {:?}",
+        start.elapsed()
+    );
 }
 
 fn ids_with_special_characters_are_safe(kind: Kind) {
