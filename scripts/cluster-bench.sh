@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Cluster benchmark: 100,000 WebSocket connections over six wsgate nodes joined by one
-# nats-server, on one 2-vCPU machine, all on loopback.
+# nats-server (or one redis-server with --broker redis), on one 2-vCPU machine, all on
+# loopback.
 #
 #   scripts/cluster-bench.sh            full run: 100,000 connections, ~3 min
 #   scripts/cluster-bench.sh --quick    10,000 connections, shorter phases, ~1.5 min
 #   options: --out DIR (default bench-results/cluster-latest; it is emptied first),
 #            --connections N, --nodes K (each node must stay under ~17,000 connections),
-#            --build (cargo build --release --bins first; default: use target/release)
+#            --build (cargo build --release --bins first; default: use target/release),
+#            --broker nats|redis (default nats)
 #   env:     CARGO_TARGET_DIR (honoured), CLUSTER_BENCH_PYTHON (a python with `websockets`
 #            for the latency probe; default target/pyenv/bin/python, else python3)
 #
@@ -56,6 +58,7 @@ hold=35         # seconds each idle group holds its connections after its connec
 dur=8           # direct: measured seconds
 warm=2
 probe_secs=6
+broker=nats
 args_seen=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -63,6 +66,7 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift ;;
     --connections) conns=$2; shift ;;
     --nodes) nodes=$2; shift ;;
+    --broker) broker=$2; shift ;;
     --build) build=1 ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -74,7 +78,11 @@ if [ "$per_node" -gt 17000 ]; then
   echo "$per_node connections per node: over ~17,000 (20,000 fds per process); add --nodes" >&2
   exit 2
 fi
-command -v nats-server >/dev/null || { echo "nats-server is missing: apt-get install -y nats-server" >&2; exit 1; }
+case "$broker" in
+  nats|redis) ;;
+  *) echo "--broker must be nats or redis, not $broker" >&2; exit 2 ;;
+esac
+command -v "$broker-server" >/dev/null || { echo "$broker-server is missing: scripts/test-cluster.sh --no-run installs it" >&2; exit 1; }
 py=${CLUSTER_BENCH_PYTHON:-}
 if [ -z "$py" ]; then
   if [ -x target/pyenv/bin/python ]; then py=target/pyenv/bin/python; else py=python3; fi
@@ -289,7 +297,7 @@ def summary(d, meta_path):
     p_c = (probes["cluster-cross"] or {}).get("p99_us")
     added = round((p_c - p_s) / 1000, 3) if p_s is not None and p_c is not None else None
     connected = sum((i or {}).get("connected", 0) for i in idle)
-    res = {
+    res = {"broker": meta.get("broker", "nats"),
         "mode": meta["mode"], "command": meta["command"], "elapsed_s": meta["elapsed"],
         "machine": meta["machine"], "nodes": K, "workers_per_node": 1,
         "connections_target": meta["connections"],
@@ -327,7 +335,7 @@ def summary(d, meta_path):
             rows.append((f"latency @{p['rate']}/s, {k}", f"p50 {f(p['p50_us'], ' us')}, p99 {f(p['p99_us'], ' us')}, received {p['received']}/{p['sent']}"))
     rows.append(("added p99, cross vs standalone", f(added, " ms") + " (goal <= 2 ms)"))
     w = max(len(a) for a, _ in rows)
-    print(f"\n== cluster-bench ({meta['mode']}), {meta['elapsed']} s")
+    print(f"\n== cluster-bench ({meta['mode']}, {meta.get('broker', 'nats')}), {meta['elapsed']} s")
     for a, b in rows:
         print(f"  {a:<{w}}  {b}")
     print(f"  goals: throughput {'met' if res['goals']['throughput_goal_met'] else 'NOT met'}, "
@@ -346,17 +354,22 @@ if __name__ == "__main__":
 PY
 
 # ---- broker and nodes
-nats_port=$(free_port)
-nats-server -a 127.0.0.1 -p "$nats_port" >"$out/logs/nats.log" 2>&1 &
+broker_port=$(free_port)
+if [ "$broker" = nats ]; then
+  nats-server -a 127.0.0.1 -p "$broker_port" >"$out/logs/nats.log" 2>&1 &
+else
+  redis-server --bind 127.0.0.1 --port "$broker_port" --save '' --appendonly no \
+    >"$out/logs/redis.log" 2>&1 &
+fi
 pids+=($!)
 for _ in $(seq 50); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
+  (exec 3<>"/dev/tcp/127.0.0.1/$broker_port") 2>/dev/null && break
   sleep 0.1
 done
 addr=()
 npid=()
 for k in $(seq "$nodes"); do
-  start_node "n$k" --workers 1 --no-pin --cluster "nats://127.0.0.1:$nats_port" --node-id "n$k"
+  start_node "n$k" --workers 1 --no-pin --cluster "$broker://127.0.0.1:$broker_port" --node-id "n$k"
   addr+=("$node_addr")
   npid+=("$node_pid")
 done
@@ -366,7 +379,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 [ "$n" = "$nodes" ] || { echo "only $n of $nodes nodes see each other" >&2; exit 1; }
-echo "== broker 127.0.0.1:$nats_port, nodes: ${addr[*]}" >&2
+echo "== broker $broker 127.0.0.1:$broker_port, nodes: ${addr[*]}" >&2
 
 # ---- phase 1: idle connections
 echo "== idle: $conns connections over $nodes nodes ($per_node per node, 2 processes x 4 source addresses each)" >&2
@@ -459,7 +472,7 @@ elapsed=$(( $(date +%s) - started ))
 cmd="scripts/cluster-bench.sh${args_seen[*]+ ${args_seen[*]}}"
 machine="$(nproc) vCPU, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), fd limit $(ulimit -n)"
 cat >"$tmp/meta.json" <<EOF
-{"mode": "$([ $quick = 1 ] && echo quick || echo full)", "command": "$cmd", "elapsed": $elapsed,
+{"mode": "$([ $quick = 1 ] && echo quick || echo full)", "broker": "$broker", "command": "$cmd", "elapsed": $elapsed,
  "machine": "$machine", "nodes": $nodes, "connections": $conns, "counted": $counted,
  "connect_wall_s": ${connect_wall:-null}, "rss": $rss_json}
 EOF

@@ -70,7 +70,8 @@
 //! unused), messages, heartbeats and live list, through [`RedisLink`]: a pub/sub connection
 //! whose SUBSCRIBE replies are awaited (that reply is the round trip: Redis sends it once it
 //! holds the subscription), and a multiplexed connection for PUBLISH, whose reply is the
-//! number of subscribers that received the message. A count waits for exactly that many
+//! number of subscribers that received the message; a drain's requests go out as one
+//! pipeline, in order, and its replies come back in one read. A count waits for exactly that many
 //! answers (less this node: Redis has no `no_echo`, so a node's own messages come back and are
 //! dropped by origin), with no probe. When either connection fails the bridge drops both,
 //! reconnects (every 0.1 to 1 s) and subscribes every channel it holds again before saying
@@ -635,6 +636,44 @@ impl RedisLink {
     }
 }
 
+impl RedisLink {
+    /// `PUBLISH`es every (channel, payload) in one pipeline, in order: how many *other*
+    /// nodes received each, or `None` (and the session dropped) when it failed.
+    async fn publish_all<T>(&mut self, out: &[(String, Bytes, T)]) -> Option<Vec<u64>> {
+        let session = self.session.as_mut()?;
+        let mut pipe = redis::pipe();
+        for (channel, payload, _) in out {
+            pipe.cmd("PUBLISH").arg(channel).arg(&payload[..]);
+        }
+        let sent: redis::RedisResult<Vec<u64>> = pipe.query_async(&mut session.conn).await;
+        match sent {
+            Ok(n) if n.len() == out.len() => Some(
+                n.iter()
+                    .zip(out)
+                    .map(|(n, (c, _, _))| n.saturating_sub(u64::from(self.server_has.contains(c))))
+                    .collect(),
+            ),
+            Ok(n) => {
+                tracing::warn!(
+                    sent = out.len(),
+                    replies = n.len(),
+                    "pipeline replies do not match"
+                );
+                self.lost();
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "publish failed");
+                self.lost();
+                None
+            }
+        }
+    }
+}
+
+/// A request's token and the connection waiting for its count, when counted.
+type Counted = Option<(u64, ConnKey)>;
+
 /// A user or room subscription: NATS's forwarding task, and whether the broker confirmed it.
 type Sub = (Option<tokio::task::JoinHandle<()>>, bool);
 
@@ -670,6 +709,10 @@ struct Bridge {
     probe_batch: BytesMut,
     /// Answers owed to each origin node, published as one message per origin per drain.
     answer_batches: HashMap<String, BytesMut>,
+    /// Redis: this drain's requests (channel, message, token and waiter when counted),
+    /// published as one pipeline, and their bytes.
+    redis_out: Vec<(String, Bytes, Counted)>,
+    redis_bytes: usize,
 }
 
 async fn run(shared: Node, rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
@@ -790,6 +833,8 @@ async fn bridge(
         in_tx,
         probe_batch: BytesMut::new(),
         answer_batches: HashMap::new(),
+        redis_out: Vec::new(),
+        redis_bytes: 0,
     };
     for s in [
         format!("{prefix}.b"),
@@ -818,6 +863,7 @@ async fn bridge(
                         Err(_) => break,
                     }
                 }
+                b.flush_redis().await;
                 b.send_probes().await;
                 b.send_answers().await;
                 b.confirm().await;
@@ -881,27 +927,22 @@ impl Bridge {
         }
     }
 
+    /// Publishes one message: false when it was not sent (no broker).
     async fn publish(&mut self, subject: String, payload: Bytes) -> bool {
-        self.publish_counted(subject, payload).await.is_some()
-    }
-
-    /// Publishes: `None` when not sent; `Some(Some(n))` on Redis, `n` other nodes received
-    /// it; `Some(None)` on NATS (who received it is unknown).
-    async fn publish_counted(&mut self, subject: String, payload: Bytes) -> Option<Option<u64>> {
         if !self.connected {
-            return None;
+            return false;
         }
         let sent = match &mut self.link {
             Link::Nats(client) => match client.publish(subject, payload).await {
-                Ok(()) => Some(None),
+                Ok(()) => true,
                 Err(e) => {
                     tracing::debug!(error = %e, "publish failed");
-                    None
+                    false
                 }
             },
-            Link::Redis(r) => r.publish(subject, payload).await.map(Some),
+            Link::Redis(r) => r.publish(subject, payload).await.is_some(),
         };
-        if sent.is_some() {
+        if sent {
             self.cs().to_broker.fetch_add(1, Relaxed);
         }
         sent
@@ -1034,28 +1075,46 @@ impl Bridge {
         };
         let name = target.map_or("", |t| t.1);
         let payload = encode(kind, token, &self.me, name, body);
-        let sent = self.publish_counted(subject, payload).await;
-        let Some(waiter) = waiter else { return };
-        let waiting = match sent {
-            // Redis: exactly the nodes that received the request answer it.
-            Some(Some(n)) => Waiting::Count {
-                left: n as usize,
-                seen: HashSet::new(),
-            },
-            Some(None) => Waiting::Nodes(self.live_others().collect()),
-            None => Waiting::Nodes(HashSet::new()),
-        };
-        if waiting.is_empty() {
-            self.hand_to_core(waiter.core(), Msg::Count { waiter, n: 0 });
+        if let Link::Redis(_) = self.link {
+            // Pipelined with the rest of the drain's requests (`flush_redis`), in order.
+            if !self.connected {
+                if let Some(waiter) = waiter {
+                    self.hand_to_core(waiter.core(), Msg::Count { waiter, n: 0 });
+                }
+                return;
+            }
+            self.redis_bytes += payload.len();
+            self.redis_out
+                .push((subject, payload, waiter.map(|w| (token, w))));
+            if self.redis_out.len() >= 1024 || self.redis_bytes >= 16 * BATCH_BYTES {
+                self.flush_redis().await;
+            }
             return;
         }
-        if let (Some((k, name)), Waiting::Nodes(_)) = (target, &waiting) {
+        let sent = self.publish(subject, payload).await;
+        let Some(waiter) = waiter else { return };
+        let waiting = if sent {
+            Waiting::Nodes(self.live_others().collect())
+        } else {
+            Waiting::Nodes(HashSet::new())
+        };
+        if let (Some((k, name)), false) = (target, waiting.is_empty()) {
             // Published once this drain's requests are out (`send_probes`): after the
             // request, as the holders' answers require, and one probe for many requests.
             put_probe(&mut self.probe_batch, token, k, name);
             if self.probe_batch.len() >= BATCH_BYTES {
                 self.send_probes().await;
             }
+        }
+        self.gather(token, waiting, waiter);
+    }
+
+    /// Waits for `waiting`'s answers to `token`, then tells `waiter` (at once when nobody is
+    /// to answer).
+    fn gather(&mut self, token: u64, waiting: Waiting, waiter: ConnKey) {
+        if waiting.is_empty() {
+            self.hand_to_core(waiter.core(), Msg::Count { waiter, n: 0 });
+            return;
         }
         let deadline = Instant::now() + self.shared.timeout;
         self.pending.insert(
@@ -1067,6 +1126,37 @@ impl Bridge {
                 waiter,
             },
         );
+    }
+
+    /// Redis: publishes the drain's requests as one pipeline; each `PUBLISH`'s reply says
+    /// how many other nodes received it, so how many answers its count waits for.
+    async fn flush_redis(&mut self) {
+        if self.redis_out.is_empty() {
+            return;
+        }
+        let out = std::mem::take(&mut self.redis_out);
+        self.redis_bytes = 0;
+        let Link::Redis(r) = &mut self.link else {
+            return;
+        };
+        let counts = r.publish_all(&out).await;
+        if counts.is_some() {
+            self.cs().to_broker.fetch_add(out.len() as u64, Relaxed);
+        }
+        for (i, (_, _, waiter)) in out.into_iter().enumerate() {
+            let Some((token, waiter)) = waiter else {
+                continue;
+            };
+            let left = counts
+                .as_ref()
+                .and_then(|c| c.get(i))
+                .map_or(0, |n| *n as usize);
+            let waiting = Waiting::Count {
+                left,
+                seen: HashSet::new(),
+            };
+            self.gather(token, waiting, waiter);
+        }
     }
 
     fn live_others(&self) -> impl Iterator<Item = String> + '_ {
