@@ -502,7 +502,12 @@ struct RedisLink {
     server_has: HashSet<String>,
     /// Channels whose wanted state changed since the last sync.
     dirty: HashSet<String>,
+    /// The connection attempt under way.
+    connecting: Option<tokio::task::JoinHandle<RedisConnected>>,
 }
+
+/// A finished connection attempt: the session, the channels subscribed, its generation.
+type RedisConnected = redis::RedisResult<(RedisSession, Vec<String>, u64)>;
 
 struct RedisSession {
     sink: redis::aio::PubSubSink,
@@ -573,46 +578,39 @@ impl RedisLink {
         true
     }
 
-    /// Connects both connections and subscribes every wanted channel.
-    async fn connect(&mut self, in_tx: &mpsc::Sender<Incoming>) -> redis::RedisResult<()> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let pubsub = tokio::time::timeout(REDIS_TIMEOUT, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| {
-                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-            })??;
-        let (mut sink, mut stream) = pubsub.split();
-        let all: Vec<String> = self.wanted.iter().cloned().collect();
-        for chunk in all.chunks(512) {
-            tokio::time::timeout(REDIS_TIMEOUT, sink.subscribe(chunk))
-                .await
-                .map_err(|_| {
-                    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-                })??;
-        }
+    /// Starts connecting both connections, and subscribing every wanted channel, in a task
+    /// of its own: the bridge must never wait on a server that may not answer.
+    fn start_connect(&mut self, in_tx: &mpsc::Sender<Incoming>) {
         self.gen += 1;
-        let gen = self.gen;
-        let tx = in_tx.clone();
-        let reader = tokio::spawn(async move {
-            while let Some(m) = stream.next().await {
-                let payload = Bytes::copy_from_slice(m.get_payload_bytes());
-                if tx.send(Incoming::Msg(payload)).await.is_err() {
-                    return;
-                }
-            }
-            let _ = tx.send(Incoming::Lost(gen)).await;
+        let all: Vec<String> = self.wanted.iter().cloned().collect();
+        let task = connect_redis(self.client.clone(), all, in_tx.clone(), self.gen);
+        self.connecting = Some(tokio::spawn(task));
+    }
+
+    /// The outcome of the connection attempt once it has finished (`None` before, or when
+    /// a newer generation made it stale); on success the session is in place.
+    async fn finish_connect(&mut self) -> Option<redis::RedisResult<()>> {
+        if !self.connecting.as_ref()?.is_finished() {
+            return None;
+        }
+        let done = self.connecting.take()?.await.unwrap_or_else(|e| {
+            Err(redis::RedisError::from(std::io::Error::other(
+                e.to_string(),
+            )))
         });
-        self.server_has = all.into_iter().collect();
-        self.dirty.clear();
-        self.session = Some(RedisSession { sink, conn, reader });
+        let (session, subscribed, gen) = match done {
+            Ok(ok) => ok,
+            Err(e) => return Some(Err(e)),
+        };
+        if gen != self.gen {
+            return None;
+        }
+        self.server_has = subscribed.into_iter().collect();
+        // What changed while connecting is set right by the next `sync`.
+        self.dirty = self.wanted.union(&self.server_has).cloned().collect();
+        self.session = Some(session);
         self.attempts = 0;
-        Ok(())
+        Some(Ok(()))
     }
 
     /// PUBLISH; the number of *other* subscribers that received it (Redis echoes to this
@@ -671,6 +669,42 @@ impl RedisLink {
     }
 }
 
+/// Connects a Redis session of generation `gen` and subscribes `all`: the session and the
+/// channels the server confirmed.
+async fn connect_redis(
+    client: redis::Client,
+    all: Vec<String>,
+    tx: mpsc::Sender<Incoming>,
+    gen: u64,
+) -> redis::RedisResult<(RedisSession, Vec<String>, u64)> {
+    let timed_out = || redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(REDIS_TIMEOUT))
+        .set_response_timeout(Some(REDIS_TIMEOUT));
+    let conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let pubsub = tokio::time::timeout(REDIS_TIMEOUT, client.get_async_pubsub())
+        .await
+        .map_err(|_| timed_out())??;
+    let (mut sink, mut stream) = pubsub.split();
+    for chunk in all.chunks(512) {
+        tokio::time::timeout(REDIS_TIMEOUT, sink.subscribe(chunk))
+            .await
+            .map_err(|_| timed_out())??;
+    }
+    let reader = tokio::spawn(async move {
+        while let Some(m) = stream.next().await {
+            let payload = Bytes::copy_from_slice(m.get_payload_bytes());
+            if tx.send(Incoming::Msg(payload)).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Incoming::Lost(gen)).await;
+    });
+    Ok((RedisSession { sink, conn, reader }, all, gen))
+}
+
 /// A request's token and the connection waiting for its count, when counted.
 type Counted = Option<(u64, ConnKey)>;
 
@@ -713,6 +747,9 @@ struct Bridge {
     /// published as one pipeline, and their bytes.
     redis_out: Vec<(String, Bytes, Counted)>,
     redis_bytes: usize,
+    /// NATS: the liveness task found the server not answering while the client still
+    /// thinks it is connected (a network cut, a frozen server).
+    cut: Arc<AtomicBool>,
 }
 
 async fn run(shared: Node, rx: mpsc::UnboundedReceiver<(usize, ClusterOut)>) {
@@ -744,6 +781,7 @@ async fn redis_link(url: &str) -> Link {
         wanted: HashSet::new(),
         server_has: HashSet::new(),
         dirty: HashSet::new(),
+        connecting: None,
     }))
 }
 
@@ -835,7 +873,15 @@ async fn bridge(
         answer_batches: HashMap::new(),
         redis_out: Vec::new(),
         redis_bytes: 0,
+        cut: Arc::new(AtomicBool::new(false)),
     };
+    if let Link::Nats(client) = &b.link {
+        tokio::spawn(liveness(
+            client.clone(),
+            format!("{prefix}.sync.{}", encode_name(&me)),
+            b.cut.clone(),
+        ));
+    }
     for s in [
         format!("{prefix}.b"),
         format!("{prefix}.q"),
@@ -899,6 +945,50 @@ async fn bridge(
     }
 }
 
+/// How often the NATS liveness task makes a round trip through the server.
+const LIVENESS_EVERY: Duration = Duration::from_secs(1);
+/// A round trip slower than this failed.
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait for the NATS client to take a publish or subscribe (its command queue is
+/// full only when the server does not keep up): past it the message is dropped, counted in
+/// `wsgate_cluster_dropped_total`, and the bridge goes on serving the cores.
+const ENQUEUE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// NATS: a connection cut without a FIN or RST, or a frozen server, leaves the client
+/// "connected" for minutes (its own pings are put off by every publish, and the heartbeats
+/// publish every second). So once a second: a round trip through the server; two failing in
+/// a row mark the link cut (the node serves locally and `/readyz` says so) and make the
+/// client reconnect; one answered clears it.
+async fn liveness(client: async_nats::Client, subject: String, cut: Arc<AtomicBool>) {
+    let mut tick = tokio::time::interval(LIVENESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed = 0u32;
+    loop {
+        tick.tick().await;
+        if client.connection_state() != async_nats::connection::State::Connected {
+            failed = 0;
+            cut.store(false, Relaxed);
+            continue;
+        }
+        let asked = client.request(subject.clone(), Bytes::new());
+        let ok = match tokio::time::timeout(LIVENESS_TIMEOUT, asked).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => e.kind() == async_nats::RequestErrorKind::NoResponders,
+            Err(_) => false,
+        };
+        if ok {
+            failed = 0;
+            cut.store(false, Relaxed);
+            continue;
+        }
+        failed += 1;
+        if failed >= 2 && !cut.swap(true, Relaxed) {
+            tracing::warn!("the broker does not answer: reconnecting");
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.force_reconnect()).await;
+        }
+    }
+}
+
 impl Bridge {
     fn cs(&self) -> &ClusterShared {
         &self.shared.cluster
@@ -909,7 +999,12 @@ impl Bridge {
         let Link::Nats(client) = &self.link else {
             return None;
         };
-        match client.subscribe(subject.clone()).await {
+        let asked = tokio::time::timeout(ENQUEUE_TIMEOUT, client.subscribe(subject.clone())).await;
+        let Ok(asked) = asked else {
+            tracing::warn!(%subject, "subscribe: the client's queue is full; retrying later");
+            return None;
+        };
+        match asked {
             Ok(mut sub) => {
                 let tx = self.in_tx.clone();
                 Some(tokio::spawn(async move {
@@ -933,13 +1028,20 @@ impl Bridge {
             return false;
         }
         let sent = match &mut self.link {
-            Link::Nats(client) => match client.publish(subject, payload).await {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::debug!(error = %e, "publish failed");
-                    false
+            Link::Nats(client) => {
+                match tokio::time::timeout(ENQUEUE_TIMEOUT, client.publish(subject, payload)).await
+                {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "publish failed");
+                        false
+                    }
+                    Err(_) => {
+                        self.shared.cluster.dropped.fetch_add(1, Relaxed);
+                        false
+                    }
                 }
-            },
+            }
             Link::Redis(r) => r.publish(subject, payload).await.is_some(),
         };
         if sent {
@@ -948,22 +1050,57 @@ impl Bridge {
         sent
     }
 
-    /// Redis: reconnects when due (at most a second between attempts).
+    /// Redis: reconnects when due (at most a second between attempts). NATS: subscribes
+    /// again what failed to subscribe (the client resubscribes the rest by itself).
     async fn maintain(&mut self) {
+        if matches!(self.link, Link::Nats(_)) {
+            if !self.connected {
+                return;
+            }
+            let failed: Vec<(Kind, Box<str>)> = self
+                .subs
+                .iter()
+                .filter(|(_, s)| s.0.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for (kind, name) in failed {
+                let h = self.subscribe(subject(&self.prefix, kind, &name)).await;
+                if h.is_none() {
+                    break;
+                }
+                if let Some(s) = self.subs.get_mut(&(kind, name)) {
+                    s.0 = h;
+                    // Confirmed by the next round trip's success; a late subscription is
+                    // what a probe answers for with 0 meanwhile, so count it in at once.
+                    s.1 = true;
+                }
+            }
+            return;
+        }
         let Link::Redis(r) = &mut self.link else {
             return;
         };
-        if r.session.is_some() || Instant::now() < r.next_attempt {
+        if r.session.is_some() {
             return;
         }
-        match r.connect(&self.in_tx).await {
-            Ok(()) => {
-                // Every subscription is in place again (confirmed by the server).
+        match r.finish_connect().await {
+            None => {
+                if r.connecting.is_none() && Instant::now() >= r.next_attempt {
+                    r.start_connect(&self.in_tx);
+                }
+            }
+            Some(Ok(())) => {
+                // Every subscription is in place again (confirmed by the server), and those
+                // changed meanwhile are made now.
+                if !r.sync().await {
+                    r.lost();
+                    return;
+                }
                 for sub in self.subs.values_mut() {
                     sub.1 = true;
                 }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 r.attempts += 1;
                 if r.attempts == 1 || r.attempts % 60 == 0 {
                     tracing::warn!(error = %e, "cannot connect to the broker; retrying");
@@ -1008,8 +1145,10 @@ impl Bridge {
                         // Subscribed (one SUBSCRIBE for the batch) in `confirm`.
                         r.want(subject, true);
                         self.subs.insert(key, (None, false));
-                    } else if let Some(h) = self.subscribe(subject).await {
-                        self.subs.insert(key, (Some(h), false));
+                    } else {
+                        // A failed subscribe is kept (no task) and retried by `maintain`.
+                        let h = self.subscribe(subject).await;
+                        self.subs.insert(key, (h, false));
                     }
                 }
                 self.confirms.push((core, kind, name, seq));
@@ -1186,7 +1325,8 @@ impl Bridge {
         }
         for (core, kind, name, seq) in std::mem::take(&mut self.confirms) {
             if let Some(sub) = self.subs.get_mut(&(kind, name.clone())) {
-                sub.1 = true;
+                // A NATS subscription that failed is no holder until `maintain` makes it.
+                sub.1 = !nats || sub.0.is_some();
             }
             self.hand_to_core(core, Msg::Subscribed { kind, name, seq });
         }
@@ -1424,10 +1564,12 @@ impl Bridge {
     fn tick(&mut self) -> bool {
         self.cs().settle();
         let connected = match &self.link {
-            Link::Nats(client) => matches!(
-                client.connection_state(),
-                async_nats::connection::State::Connected
-            ),
+            Link::Nats(client) => {
+                matches!(
+                    client.connection_state(),
+                    async_nats::connection::State::Connected
+                ) && !self.cut.load(Relaxed)
+            }
             Link::Redis(r) => r.session.is_some(),
         };
         let was = self.connected;
