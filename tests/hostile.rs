@@ -462,6 +462,55 @@ fn shutdown_closes_keep_alive_connections_and_the_listeners() {
     }
 }
 
+/// At shutdown a slow reader with a backlog gets all of it, then the 1001: the shutdown's
+/// budget (`--shutdown-timeout`) is not cut down to the 2-s no-progress wait of an ordinary
+/// close once the reader starts making progress, so a reader that pauses for longer than
+/// that mid-drain still gets everything.
+#[test]
+fn a_slow_reader_gets_its_whole_backlog_before_the_1001() {
+    let gw = Gateway::start(&[
+        "--shutdown-timeout",
+        "20s",
+        "--max-queued-bytes",
+        "33554432",
+    ]);
+    let mut slow = gw.connect("slow");
+    // 12 MB, beyond what the loopback's socket buffers take (about 4 MB here).
+    let pad = "x".repeat(60_000);
+    const N: usize = 200;
+    for i in 0..N {
+        let body = json!({"to": "slow", "data": format!("{i} {pad}")}).to_string();
+        let (status, out) = http(gw.addr, "POST", "/api/send", Some(&body), &[]);
+        assert_eq!(status, 200, "{out}");
+    }
+    gw.wait_for("a backlog beyond the socket buffers", T, || {
+        gw.metric("wsgate_queued_bytes", "") > 6e6
+    });
+    gw.signal(libc::SIGTERM);
+    // The reader starts late (past a quarter of the 2-s wait), reads a little, then pauses
+    // for longer than 2 s: that is the slow peer of this test, not a wait for a condition.
+    thread::sleep(Duration::from_secs(1));
+    let mut next = 0usize;
+    let mut read = |c: &mut Client, upto: usize| {
+        while next < upto {
+            let m = c
+                .recv_message(T)
+                .unwrap_or_else(|e| panic!("message {next}: {e}"));
+            let data = m["data"].as_str().unwrap();
+            assert!(
+                data.starts_with(&format!("{next} ")),
+                "out of order at {next}"
+            );
+            next += 1;
+        }
+    };
+    read(&mut slow, 16);
+    thread::sleep(Duration::from_secs(3));
+    read(&mut slow, N);
+    let close = slow.recv_close(T).expect("a close frame after the backlog");
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+}
+
 /// Defect 6: HEAD got a body (which a keep-alive client reads as the next answer).
 #[test]
 fn head_gets_a_head_only() {
