@@ -78,14 +78,27 @@ pub fn runtime(o: &Opts) -> tokio::runtime::Runtime {
     b.enable_all().build().expect("tokio runtime")
 }
 
+/// The listen backlog: wsgate's (4096, capped by `net.core.somaxconn`). tokio's
+/// `TcpListener::bind` listens with 128, which a connect burst of a few hundred in flight
+/// overflows (`nstat` TcpExtListenOverflows): the dropped SYNs are retried after a second and
+/// the handshake rate measured is then the backlog's, not the server's.
+const BACKLOG: u32 = 4096;
+
 /// Binds the listener and prints `listening on ADDR` (the bound address) as the first line.
 pub async fn bind(addr: SocketAddr) -> tokio::net::TcpListener {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .unwrap_or_else(|e| {
-            eprintln!("bind {addr}: {e}");
-            std::process::exit(1)
-        });
+    let listen = || -> std::io::Result<tokio::net::TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    let listener = listen().unwrap_or_else(|e| {
+        eprintln!("bind {addr}: {e}");
+        std::process::exit(1)
+    });
     let local = listener.local_addr().expect("bound address");
     // println! goes through a LineWriter: the line is out before the first accept.
     println!("listening on {local}");
