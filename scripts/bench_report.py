@@ -109,6 +109,17 @@ def cmd_record(a):
             user, sys_, wall = (float(x) for x in f.read().split())
     except (OSError, ValueError):
         user = sys_ = wall = None
+    stats = None
+    try:
+        with open(a.server_stats) as f:
+            text = f.read().strip()
+        if text:
+            stats = json.loads(text)
+            # wsgate's /api/stats: the totals are enough (the per-core split is in "cores").
+            if isinstance(stats, dict) and "total" in stats:
+                stats = stats["total"]
+    except (OSError, ValueError):
+        stats = None
     rec = {
         "kind": a.kind,
         "server": a.server,
@@ -124,6 +135,7 @@ def cmd_record(a):
         "bench_sys_secs": sys_,
         "wall_secs": wall,
         "server_stderr_tail": tail(a.server_stderr),
+        "server_stats": stats,
         "result": result,
     }
     with open(a.out, "w") as f:
@@ -780,6 +792,7 @@ def main():
     c = sub.add_parser("record")
     for k in ("out", "kind", "server", "load", "bench-json", "rusage", "server-stderr", "argv"):
         c.add_argument("--" + k, required=True)
+    c.add_argument("--server-stats", default="", help="the server's own counters (JSON), if any")
     c.add_argument("--round", type=int, required=True)
     c.add_argument("--exit-code", type=int, required=True)
     c.add_argument("--server-user-ticks", type=int, required=True)
