@@ -19,8 +19,9 @@
 #            of CPUs; 1 with --per-core), BENCH_WSGATE_ARGS (extra wsgate flags, e.g.
 #            "--driver epoll"), BENCH_FANOUT_WINDOW (acknowledged publishes in flight at
 #            fan-out saturation, default 4096), BENCH_FANOUT_DELIVERIES (deliveries/s of the
-#            moderate fan-out rate, default 50000), CARGO_TARGET_DIR (honoured for the main
-#            crate)
+#            moderate fan-out rate, default 50000), BENCH_PEER_RUNTIME (with --per-core:
+#            current-thread, the default, or multi-thread for tokio's multi-thread runtime with
+#            one worker), CARGO_TARGET_DIR (honoured for the main crate)
 #
 # 1. Peer comparison: wsgate-bench `echo` (closed loop, one message in flight per connection)
 #    at 100 conns x 20 B, 100 x 1 KiB and 500 x 16 KiB against wsgate's /echo,
@@ -88,8 +89,14 @@ if [ "$per_core" = 1 ]; then
   workers=${BENCH_WORKERS:-1}
   srv_prefix=(taskset -c 1)
   gen_prefix=(taskset -c 0)
-  # One thread per peer: accept loop and connections on tokio's current-thread runtime.
-  peer_rt=(--current-thread)
+  # One thread per peer: accept loop and connections on tokio's current-thread runtime (it
+  # measured 5-15% less CPU per 20 B message for fastwebsockets than the multi-thread runtime
+  # with one worker: benches/experiments.md).
+  case "${BENCH_PEER_RUNTIME:-current-thread}" in
+    current-thread) peer_rt=(--current-thread) ;;
+    multi-thread) peer_rt=() ;;
+    *) echo "BENCH_PEER_RUNTIME is current-thread or multi-thread" >&2; exit 2 ;;
+  esac
 else
   workers=${BENCH_WORKERS:-$(nproc)}
 fi
@@ -219,7 +226,9 @@ server_stats() {
 measure() {
   local name=$1 kind=$2 server=$3 load=$4 round=$5
   shift 6
-  local u0 s0 u1 s1 rc=0
+  local u0 s0 u1 s1 rc=0 load0
+  # The 1-minute load average before the run: other users of the machine show up here.
+  read -r load0 _ </proc/loadavg
   read -r u0 s0 <<<"$(cpu_ticks "$srv_pid")"
   python3 "$report" run --rusage "$tmp/rusage" --timeout "$run_limit" -- \
     ${gen_prefix[@]+"${gen_prefix[@]}"} "$bin/wsgate-bench" "$@" >"$tmp/bench.json" 2>"$out/logs/$name.log" &
@@ -237,7 +246,7 @@ measure() {
   python3 "$report" record --out "$out/runs/$name.json" --kind "$kind" --server "$server" \
     --load "$load" --round "$round" --bench-json "$tmp/bench.json" --exit-code "$rc" \
     --server-user-ticks $((u1 - u0)) --server-sys-ticks $((s1 - s0)) --clk-tck "$(getconf CLK_TCK)" --rusage "$tmp/rusage" \
-    --server-stderr "$tmp/srv.err" --server-stats "$tmp/srv-stats.json" --argv "$*"
+    --server-stderr "$tmp/srv.err" --server-stats "$tmp/srv-stats.json" --loadavg "$load0" --argv "$*"
 }
 
 servers=(wsgate fastwebsockets tokio-tungstenite raw-tcp)
@@ -359,5 +368,6 @@ mode=full
 [ "$per_core" = 1 ] && mode="$mode per-core"
 python3 "$report" report --dir "$out" --md BENCHMARKS.md --mode "$mode" \
   --command "$cmd" --built "$build" --wsgate-args "${BENCH_WSGATE_ARGS:-}" --elapsed "$elapsed" --rounds "$rounds" --duration "$duration" \
-  --warmup "$warmup" --threads "$threads" --workers "$workers" --criterion "$crit_dir"
+  --warmup "$warmup" --threads "$threads" --workers "$workers" --criterion "$crit_dir" \
+  --peer-runtime "${BENCH_PEER_RUNTIME:-current-thread}"
 echo "== done in ${elapsed}s: BENCHMARKS.md, $out/" >&2

@@ -136,6 +136,7 @@ def cmd_record(a):
         "wall_secs": wall,
         "server_stderr_tail": tail(a.server_stderr),
         "server_stats": stats,
+        "loadavg": a.loadavg,
         "result": result,
     }
     with open(a.out, "w") as f:
@@ -693,6 +694,11 @@ def render_default(w, a, m, rel, runs, summary, driver, vers, per_core=False):
         w("")
         w("Binaries: prebuilt (`--no-build`), taken from `target/release` as found; they may "
           "not match the commit above.")
+    loads = [r["loadavg"] for r in runs if r.get("loadavg") is not None]
+    if loads:
+        w("")
+        w(f"1-minute load average before each run: {min(loads):.2f}–{max(loads):.2f} (median "
+          f"{statistics.median(loads):.2f}; this run's server and generator add up to 2 when busy).")
     w("")
     if per_core:
         w("Every server ran on CPU 1 alone (`taskset -c 1`, one thread), the load generator on "
@@ -730,7 +736,11 @@ def render_default(w, a, m, rel, runs, summary, driver, vers, per_core=False):
     w("  - **raw TCP**: read into a 64 KiB buffer and write it back, after a minimal 101 answer; "
       "it only clears the MASK bit and drops the 4 key bytes per frame "
       "(`benches/peers/src/bin/peer-raw-tcp.rs`). The ceiling: no WebSocket work at all.")
-    if per_core:
+    if per_core and getattr(a, "peer_runtime", "current-thread") == "multi-thread":
+        w(f"  - Peers run on tokio {vers.get('tokio', '')}'s multi-thread runtime with one "
+          "worker (`BENCH_PEER_RUNTIME=multi-thread`; the accept loop on a second thread, "
+          "also on CPU 1) and the system allocator (wsgate links mimalloc).")
+    elif per_core:
         w(f"  - Peers run on tokio {vers.get('tokio', '')}'s current-thread runtime "
           "(`--current-thread`: accept loop and connections on one thread) and the system "
           "allocator (wsgate links mimalloc).")
@@ -967,7 +977,7 @@ def cmd_report(a):
     chart_throughput(summary, os.path.join(a.dir, "throughput.svg"))
     chart_latency(summary, os.path.join(a.dir, "latency.svg"))
     meta = {k: getattr(a, k) for k in ("mode", "command", "elapsed", "rounds", "duration", "warmup",
-                                       "threads", "workers", "wsgate_args", "built")}
+                                       "threads", "workers", "wsgate_args", "built", "peer_runtime")}
     with open(os.path.join(a.dir, "summary.json"), "w") as f:
         json.dump({"machine": machine(), "mode": a.mode, "command": a.command, "elapsed_secs": a.elapsed,
                    "meta": meta, "criterion": criterion_rows(a.criterion),
@@ -1088,6 +1098,7 @@ def main():
     for k in ("out", "kind", "server", "load", "bench-json", "rusage", "server-stderr", "argv"):
         c.add_argument("--" + k, required=True)
     c.add_argument("--server-stats", default="", help="the server's own counters (JSON), if any")
+    c.add_argument("--loadavg", type=float, default=None, help="1-minute load average before the run")
     c.add_argument("--round", type=int, required=True)
     c.add_argument("--exit-code", type=int, required=True)
     c.add_argument("--server-user-ticks", type=int, required=True)
@@ -1099,6 +1110,7 @@ def main():
         p.add_argument("--" + k, required=True)
     p.add_argument("--built", type=int, required=True)
     p.add_argument("--criterion", default="", help="criterion output dir (target/criterion)")
+    p.add_argument("--peer-runtime", default="current-thread", help="the peers' runtime in --per-core")
     for k in ("elapsed", "rounds", "threads", "workers"):
         p.add_argument("--" + k, type=int, required=True)
     p.set_defaults(fn=cmd_report)
