@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """scripts/bench.sh's helper (python3, standard library only).
 
-  run     run a command with a timeout; write its CPU time (wait4 rusage: user, system) and
+  run       run a command with a timeout; write its CPU time (wait4 rusage: user, system) and
           wall time; forward SIGINT/SIGTERM to it
-  record  merge one wsgate-bench JSON result with the CPU times into runs/NAME.json
-  report  medians, ratios, CPU cost, scenarios -> BENCHMARKS.md, plus SVG charts
+  record    merge one wsgate-bench JSON result with the CPU times into runs/NAME.json
+  report    medians, ratios, CPU cost, scenarios -> BENCHMARKS.md, plus SVG charts
+  rerender  BENCHMARKS.md again from every mode's stored summary (after editing
+            benches/experiments.md or benches/soak.md)
 """
 
 import argparse
@@ -971,7 +973,17 @@ def load_mode(d):
 
 
 def cmd_report(a):
-    # This run's directory: its summary (with what the report needs to render it again later).
+    write_summary(a)
+    render_page(a)
+
+
+def cmd_rerender(a):
+    """BENCHMARKS.md again from the stored summaries (after editing experiments.md, say)."""
+    render_page(a)
+
+
+def write_summary(a):
+    """This run's directory: its summary, with what the page needs to render it again later."""
     runs = load_runs(a.dir)
     summary = summarize_echo(runs)
     chart_throughput(summary, os.path.join(a.dir, "throughput.svg"))
@@ -985,6 +997,8 @@ def cmd_report(a):
                             for k, v in summary.items()]}, f, indent=1)
         f.write("\n")
 
+
+def render_page(a):
     root = os.path.dirname(os.path.normpath(a.dir))
     md_dir = os.path.dirname(os.path.abspath(a.md)) or "."
     vers = peer_versions()
@@ -1111,6 +1125,11 @@ def main():
     p.add_argument("--built", type=int, required=True)
     p.add_argument("--criterion", default="", help="criterion output dir (target/criterion)")
     p.add_argument("--peer-runtime", default="current-thread", help="the peers' runtime in --per-core")
+    rr = sub.add_parser("rerender", help="BENCHMARKS.md again from bench-results/*/summary.json, "
+                        "without running anything (run from the repository root)")
+    rr.add_argument("--md", default="BENCHMARKS.md")
+    rr.add_argument("--dir", default="bench-results/latest", help="any results directory")
+    rr.set_defaults(fn=cmd_rerender)
     for k in ("elapsed", "rounds", "threads", "workers"):
         p.add_argument("--" + k, type=int, required=True)
     p.set_defaults(fn=cmd_report)
