@@ -2,7 +2,7 @@
 """scripts/bench.sh's helper (python3, standard library only).
 
   run       run a command with a timeout; write its CPU time (wait4 rusage: user, system) and
-          wall time; forward SIGINT/SIGTERM to it
+            wall time; forward SIGINT/SIGTERM to it
   record    merge one wsgate-bench JSON result with the CPU times into runs/NAME.json
   report    medians, ratios, CPU cost, scenarios -> BENCHMARKS.md, plus SVG charts
   rerender  BENCHMARKS.md again from every mode's stored summary (after editing
