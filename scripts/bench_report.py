@@ -557,8 +557,8 @@ def render_fanout(w, runs):
     sat_window = next((arg("--window", r["argv"]) for r in fr if r["load"].endswith("-sat")), "?")
     w("### Room fan-out: wsgate against a tokio broadcast server")
     w("")
-    w("`wsgate-bench room`: one publisher and a room of N members (the publisher is one of "
-      f"them), 64 B of padding per message, {arg('--warmup', argv)} warm-up then "
+    w("`wsgate-bench room`: a room of N members plus one publisher that joins it too (so N + 1 "
+      f"receive every publish), 64 B of padding per message, {arg('--warmup', argv)} warm-up then "
       f"{arg('--duration', argv)} measured, servers alternating per load and round. "
       f"**Saturation**: `--rate 0 --window {sat_window}`, the publisher keeps {sat_window} "
       "acknowledged publishes in flight (about an open loop as fast as the server takes "
