@@ -706,8 +706,10 @@ def render_default(w, a, m, rel, runs, summary, driver, vers, per_core=False):
         w("Every server ran on CPU 1 alone (`taskset -c 1`, one thread), the load generator on "
           "CPU 0 (`taskset -c 0`): no server shares a core with the generator and no runtime "
           "can steal work onto the other CPU, the fair comparison for a thread-per-core design. "
-          "Server CPU per message is the figure to compare; msgs/s also includes the cost of "
-          "waking the other CPU for every exchange. Other users of this shared machine may "
+          "Server CPU per message is the figure to compare, within one run: about two thirds of "
+          "it is the server's writes waking the generator's thread on the other vCPU (Experiments, "
+          "\"two thirds of a server's CPU is waking the generator\"), so it moves with the pair's "
+          "timing from run to run; msgs/s also includes that cost. Other users of this shared machine may "
           "have run builds meanwhile: treat differences under ~10% as noise unless they repeat.")
     else:
         w("Everything ran on 127.0.0.1: the load generator and the server share the same "
