@@ -25,7 +25,7 @@ run() {
   case $sc in
     direct) args=(direct --connections 1000 --window 8 --duration 8s --warmup 2s) ;;
     room) args=(room --connections 10001 --rate 10 --duration 8s --warmup 2s) ;;
-    room1k) args=(room --connections 1001 --rate 0 --window 4 --duration 8s --warmup 2s) ;;
+    room1k) args=(room --connections 1001 --rate 100 --duration 8s --warmup 2s) ;;
     idle) args=(idle --connections 10000 --gateway-pid "$pid" --duration 3s --warmup 2s) ;;
   esac
   local res

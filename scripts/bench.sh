@@ -5,13 +5,23 @@
 #   scripts/bench.sh            full run: 3 rounds, 10 s measured + 2 s warm-up each (~8 min
 #                               on 2 cores, plus the builds)
 #   scripts/bench.sh --quick    1 round, 3 s + 1 s, 2,000 idle connections (~70 s)
+#   scripts/bench.sh --per-core one pinned core per server: every server on CPU 1 with one
+#                               thread (wsgate --workers 1, peers on tokio's current-thread
+#                               runtime), the load generator on CPU 0 (taskset). Echo, fan-out
+#                               and connect comparisons only; results in
+#                               bench-results/per-core/ (the default mode's stay in
+#                               bench-results/latest/, and BENCHMARKS.md shows both).
 #   options: --no-build (use the binaries already in target/release and
 #            benches/peers/target/release), --rounds N, --duration 10s, --warmup 2s
 #            (durations in whole seconds; put --quick first if combined)
 #   env:     BENCH_THREADS (load generator threads, default 1: on 2 cores a second thread
 #            lowers every server's throughput), BENCH_WORKERS (server threads, default: number
-#            of CPUs), BENCH_WSGATE_ARGS (extra wsgate flags, e.g. "--driver epoll"),
-#            CARGO_TARGET_DIR (honoured for the main crate)
+#            of CPUs; 1 with --per-core), BENCH_WSGATE_ARGS (extra wsgate flags, e.g.
+#            "--driver epoll"), BENCH_FANOUT_WINDOW (acknowledged publishes in flight at
+#            fan-out saturation, default 4096), BENCH_FANOUT_DELIVERIES (deliveries/s of the
+#            moderate fan-out rate, default 50000), BENCH_PEER_RUNTIME (with --per-core:
+#            current-thread, the default, or multi-thread for tokio's multi-thread runtime with
+#            one worker), CARGO_TARGET_DIR (honoured for the main crate)
 #
 # 1. Peer comparison: wsgate-bench `echo` (closed loop, one message in flight per connection)
 #    at 100 conns x 20 B, 100 x 1 KiB and 500 x 16 KiB against wsgate's /echo,
@@ -19,9 +29,20 @@
 #    A B C D per load and round, each server started fresh on port 0 and stopped after its run.
 #    CPU time of the server (/proc/PID/stat) and of the load generator (wait4 rusage) is
 #    recorded for every run.
-# 2. Gateway scenarios, once each on a fresh gateway: connect, idle (RSS per connection at
-#    ~19,000 and at 10,000 connections), direct (user-to-user messages), room (one publisher,
-#    10,000 members spread over both cores, 10 publishes/s).
+# 2. Fan-out comparison: one publisher, rooms of 1,000 and 5,000 members (64 B padding),
+#    wsgate against peer-broadcast (tokio-tungstenite + tokio::sync::broadcast), alternating
+#    per load and round: (a) saturation, `wsgate-bench room --rate 0` with
+#    $BENCH_FANOUT_WINDOW acknowledged publishes in flight (close to an open loop as fast as
+#    the server takes publishes); delivered messages/s counted by the members, the peer's
+#    skipped messages from its GET /stats, wsgate's 1013 closes from its /api/stats and from
+#    the members' close frames; (b) a moderate rate ($BENCH_FANOUT_DELIVERIES deliveries/s
+#    offered: 50 publishes/s to 1,000 members, 10/s to 5,000): latency p50/p99.
+# 3. Connect comparison: `wsgate-bench connect` (10,000 connections, 200 in flight) against
+#    wsgate's /echo (upgrade only, like the peers), wsgate's /ws (upgrade, registration and
+#    welcome), fastwebsockets and tokio-tungstenite, alternating per round.
+# 4. Gateway scenarios (not with --per-core), once each on a fresh gateway: connect, idle (RSS
+#    per connection at ~19,000 and at 10,000 connections), direct (user-to-user messages),
+#    room (one publisher, 10,000 members spread over both cores, 10 publishes/s).
 # Everything targets 127.0.0.1 only, every run is bounded by a timeout, and the trap stops
 # whatever this script started.
 set -euo pipefail
@@ -29,6 +50,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
 quick=0
+per_core=0
 build=1
 rounds=3
 duration=10s
@@ -36,12 +58,16 @@ warmup=2s
 idle_conns=19000
 idle10k_conns=10000
 connect_conns=5000
+connect_cmp_conns=10000
+fanout_members=(1000 5000)
 direct_conns=1000
 room_members=10000
 args_seen=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
-    --quick) quick=1; rounds=1; duration=3s; warmup=1s; idle_conns=2000; idle10k_conns=1000; room_members=1000 ;;
+    --quick) quick=1; rounds=1; duration=3s; warmup=1s; idle_conns=2000; idle10k_conns=1000; room_members=1000
+             connect_cmp_conns=2000 ;;
+    --per-core) per_core=1 ;;
     --no-build) build=0 ;;
     --rounds) rounds=$2; shift ;;
     --duration) duration=$2; shift ;;
@@ -52,11 +78,33 @@ while [ $# -gt 0 ]; do
   shift
 done
 threads=${BENCH_THREADS:-1}
-workers=${BENCH_WORKERS:-$(nproc)}
+fanout_window=${BENCH_FANOUT_WINDOW:-4096}
+fanout_deliveries=${BENCH_FANOUT_DELIVERIES:-50000}
+srv_prefix=()
+gen_prefix=()
+peer_rt=()
+if [ "$per_core" = 1 ]; then
+  [ "$(nproc)" -ge 2 ] || { echo "--per-core needs 2 CPUs (server on 1, generator on 0)" >&2; exit 2; }
+  command -v taskset >/dev/null || { echo "--per-core needs taskset (util-linux)" >&2; exit 2; }
+  workers=${BENCH_WORKERS:-1}
+  srv_prefix=(taskset -c 1)
+  gen_prefix=(taskset -c 0)
+  # One thread per peer: accept loop and connections on tokio's current-thread runtime (it
+  # measured 5-15% less CPU per 20 B message for fastwebsockets than the multi-thread runtime
+  # with one worker: benches/experiments.md).
+  case "${BENCH_PEER_RUNTIME:-current-thread}" in
+    current-thread) peer_rt=(--current-thread) ;;
+    multi-thread) peer_rt=() ;;
+    *) echo "BENCH_PEER_RUNTIME is current-thread or multi-thread" >&2; exit 2 ;;
+  esac
+else
+  workers=${BENCH_WORKERS:-$(nproc)}
+fi
 secs() { case "$1" in *ms) echo 1 ;; *s) echo "${1%s}" ;; *) echo "$1" ;; esac; }
 run_limit=$(( $(secs "$duration") + $(secs "$warmup") + 60 ))
 
 out=bench-results/latest
+[ "$per_core" = 1 ] && out=bench-results/per-core
 report=scripts/bench_report.py
 tmp=$(mktemp -d)
 srv_pid=
@@ -90,7 +138,8 @@ mkdir -p "$bin"
 for f in "$target_dir/release/wsgate" "$target_dir/release/wsgate-bench" \
   benches/peers/target/release/peer-fastwebsockets \
   benches/peers/target/release/peer-tokio-tungstenite \
-  benches/peers/target/release/peer-raw-tcp; do
+  benches/peers/target/release/peer-raw-tcp \
+  benches/peers/target/release/peer-broadcast; do
   [ -x "$f" ] || { echo "missing $f (run without --no-build)" >&2; exit 1; }
   cp "$f" "$bin/"
 done
@@ -117,12 +166,16 @@ start_server() {
     # shellcheck disable=SC2086
     wsgate) cmd=("$bin/wsgate" --listen 127.0.0.1:0 --workers "$workers" --echo-path /echo
                  --log warn --shutdown-timeout 2s ${BENCH_WSGATE_ARGS:-} "$@") ;;
-    fastwebsockets) cmd=("$bin/peer-fastwebsockets" --threads "$workers") ;;
-    tokio-tungstenite) cmd=("$bin/peer-tokio-tungstenite" --threads "$workers") ;;
-    raw-tcp) cmd=("$bin/peer-raw-tcp" --threads "$workers") ;;
+    fastwebsockets) cmd=("$bin/peer-fastwebsockets" --threads "$workers" ${peer_rt[@]+"${peer_rt[@]}"}) ;;
+    tokio-tungstenite) cmd=("$bin/peer-tokio-tungstenite" --threads "$workers" ${peer_rt[@]+"${peer_rt[@]}"}) ;;
+    raw-tcp) cmd=("$bin/peer-raw-tcp" --threads "$workers" ${peer_rt[@]+"${peer_rt[@]}"}) ;;
+    broadcast) cmd=("$bin/peer-broadcast" --threads "$workers" ${peer_rt[@]+"${peer_rt[@]}"}) ;;
     *) echo "unknown server $name" >&2; exit 1 ;;
   esac
-  "${cmd[@]}" >"$tmp/srv.out" 2>"$tmp/srv.err" &
+  # Emptied here, not by the background redirect: the loop below must not read the previous
+  # server's address before the new process has truncated the file.
+  : >"$tmp/srv.out"
+  ${srv_prefix[@]+"${srv_prefix[@]}"} "${cmd[@]}" >"$tmp/srv.out" 2>"$tmp/srv.err" &
   srv_pid=$!
   srv_addr=
   for _ in $(seq 200); do
@@ -137,6 +190,12 @@ start_server() {
     exit 1
   fi
   case "$srv_addr" in 127.0.0.1:*) ;; *) echo "$name listens on $srv_addr, not loopback" >&2; exit 1 ;; esac
+  if [ "$per_core" = 1 ]; then
+    # Every thread of the server must be on CPU 1 (wsgate pins its worker inside the mask).
+    local cpus
+    cpus=$(cat /proc/"$srv_pid"/task/*/status 2>/dev/null | sed -n 's/^Cpus_allowed_list:\s*//p' | sort -u | tr '\n' ' ')
+    [ "$cpus" = "1 " ] || { echo "$name runs on CPUs '$cpus', not 1" >&2; exit 1; }
+  fi
   if [ "$name" = wsgate ] && [ ! -f "$out/wsgate-driver.txt" ]; then
     # `--driver auto` picks io_uring where the kernel allows it: count the rings.
     local rings
@@ -154,19 +213,31 @@ stop_server() {
   srv_pid=
 }
 
+# The server's own counters after a run, as JSON (empty when it has none): wsgate's
+# /api/stats (slow-consumer closes, deliveries), peer-broadcast's /stats (skipped messages).
+server_stats() {
+  local path
+  case "$1" in wsgate) path=/api/stats ;; broadcast) path=/stats ;; *) return 0 ;; esac
+  curl -s --max-time 5 "http://$srv_addr$path" || true
+}
+
 # measure NAME KIND SERVER LOAD ROUND -- wsgate-bench args...
 # Runs the load generator against the running server, then stores one JSON record.
 measure() {
   local name=$1 kind=$2 server=$3 load=$4 round=$5
   shift 6
-  local u0 s0 u1 s1 rc=0
+  local u0 s0 u1 s1 rc=0 load0
+  # The 1-minute load average before the run: other users of the machine show up here.
+  read -r load0 _ </proc/loadavg
   read -r u0 s0 <<<"$(cpu_ticks "$srv_pid")"
   python3 "$report" run --rusage "$tmp/rusage" --timeout "$run_limit" -- \
-    "$bin/wsgate-bench" "$@" >"$tmp/bench.json" 2>"$out/logs/$name.log" &
+    ${gen_prefix[@]+"${gen_prefix[@]}"} "$bin/wsgate-bench" "$@" >"$tmp/bench.json" 2>"$out/logs/$name.log" &
   run_pid=$!
   wait "$run_pid" || rc=$?
   run_pid=
   read -r u1 s1 <<<"$(cpu_ticks "$srv_pid")"
+  : >"$tmp/srv-stats.json"
+  [ "$kind" = fanout ] && server_stats "$server" >"$tmp/srv-stats.json"
   if ! kill -0 "$srv_pid" 2>/dev/null; then
     echo "   $server died during $name" >&2
     [ "$rc" != 0 ] || rc=97
@@ -175,7 +246,7 @@ measure() {
   python3 "$report" record --out "$out/runs/$name.json" --kind "$kind" --server "$server" \
     --load "$load" --round "$round" --bench-json "$tmp/bench.json" --exit-code "$rc" \
     --server-user-ticks $((u1 - u0)) --server-sys-ticks $((s1 - s0)) --clk-tck "$(getconf CLK_TCK)" --rusage "$tmp/rusage" \
-    --server-stderr "$tmp/srv.err" --argv "$*"
+    --server-stderr "$tmp/srv.err" --server-stats "$tmp/srv-stats.json" --loadavg "$load0" --argv "$*"
 }
 
 servers=(wsgate fastwebsockets tokio-tungstenite raw-tcp)
@@ -206,6 +277,52 @@ for round in $(seq "$rounds"); do
   done
 done
 
+fan_servers=(wsgate broadcast)
+n_fan=$(( rounds * ${#fanout_members[@]} * 2 * ${#fan_servers[@]} ))
+i=0
+echo "== fan-out: ${#fan_servers[@]} servers x ${#fanout_members[@]} room sizes x (saturation, moderate rate) x $rounds rounds" >&2
+for round in $(seq "$rounds"); do
+  for members in "${fanout_members[@]}"; do
+    rate=$(( fanout_deliveries / members ))
+    for mode in sat rate; do
+      for server in "${fan_servers[@]}"; do
+        i=$((i + 1))
+        if [ "$mode" = sat ]; then pace=(--rate 0 --window "$fanout_window"); else pace=(--rate "$rate"); fi
+        start_server "$server"
+        name="fanout-${members}-${mode}-${server}-r${round}"
+        echo "   [$i/$n_fan] $name" >&2
+        measure "$name" fanout "$server" "${members}-${mode}" "$round" -- room \
+          --target "$srv_addr" --connections "$((members + 1))" "${pace[@]}" --size 64 \
+          --duration "$duration" --warmup "$warmup" --threads "$threads"
+        stop_server
+      done
+    done
+  done
+done
+
+# wsgate twice: /echo (the upgrade alone, as the peers do it) and /ws (upgrade, registration,
+# welcome: what a gateway client waits for).
+conn_servers=(wsgate-echo wsgate-ws fastwebsockets tokio-tungstenite)
+n_conn=$(( rounds * ${#conn_servers[@]} ))
+i=0
+echo "== connect: ${#conn_servers[@]} servers x $rounds rounds, $connect_cmp_conns connections" >&2
+for round in $(seq "$rounds"); do
+  for server in "${conn_servers[@]}"; do
+    i=$((i + 1))
+    path=(--path /echo)
+    srv=$server
+    case "$server" in wsgate-ws) srv=wsgate; path=() ;; wsgate-echo) srv=wsgate ;; esac
+    start_server "$srv"
+    name="connect-${server}-r${round}"
+    echo "   [$i/$n_conn] $name" >&2
+    measure "$name" connect-cmp "$server" "$connect_cmp_conns" "$round" -- connect \
+      --target "$srv_addr" ${path[@]+"${path[@]}"} --connections "$connect_cmp_conns" \
+      --duration 1s --warmup 0s --threads "$threads"
+    stop_server
+  done
+done
+
+if [ "$per_core" = 0 ]; then
 echo "== gateway scenarios" >&2
 # scenario NAME LOAD DESCRIPTION -- WSGATE-BENCH-ARGS: on a fresh gateway, which the function
 # names to the load generator with --target (and --gateway-pid where the args ask for @PID).
@@ -232,8 +349,10 @@ scenario room "$room_members" "1 publisher + $room_members members, 10 publishes
 scenario direct "$direct_conns" "$direct_conns connections, window 8" -- direct \
   --connections "$direct_conns" --window 8 --duration "$duration" --warmup "$warmup" --threads "$threads"
 
+fi
+
 crit_dir=
-if [ "$quick" != 1 ]; then
+if [ "$quick" != 1 ] && [ "$per_core" = 0 ]; then
   echo "== criterion micro-benchmarks" >&2
   if cargo bench --bench hot_paths >"$out/logs/criterion.log" 2>&1; then
     crit_dir="${CARGO_TARGET_DIR:-$repo/target}/criterion"
@@ -244,7 +363,11 @@ fi
 
 elapsed=$(( $(date +%s) - started ))
 cmd="scripts/bench.sh${args_seen[*]+ ${args_seen[*]}}"
-python3 "$report" report --dir "$out" --md BENCHMARKS.md --mode "$([ $quick = 1 ] && echo quick || echo full)" \
+mode=full
+[ "$quick" = 1 ] && mode=quick
+[ "$per_core" = 1 ] && mode="$mode per-core"
+python3 "$report" report --dir "$out" --md BENCHMARKS.md --mode "$mode" \
   --command "$cmd" --built "$build" --wsgate-args "${BENCH_WSGATE_ARGS:-}" --elapsed "$elapsed" --rounds "$rounds" --duration "$duration" \
-  --warmup "$warmup" --threads "$threads" --workers "$workers" --criterion "$crit_dir"
+  --warmup "$warmup" --threads "$threads" --workers "$workers" --criterion "$crit_dir" \
+  --peer-runtime "${BENCH_PEER_RUNTIME:-current-thread}"
 echo "== done in ${elapsed}s: BENCHMARKS.md, $out/" >&2

@@ -1,9 +1,10 @@
 //! wsgate-bench: the load generator every speed and memory claim comes from.
 //!
-//! Scenarios: `connect` (handshakes/s), `idle` (hold N connections, gateway RSS per
-//! connection), `direct` (users send to random users: delivered/s and end-to-end latency,
-//! same-core vs cross-core), `room` (one publisher, M members), `echo` (closed-loop echo
-//! against any WebSocket echo server, for peers). One process holds at most ~19,000
+//! Scenarios: `connect` (handshakes/s; against a peer with `--path`), `idle` (hold N
+//! connections, gateway RSS per connection), `direct` (users send to random users: delivered/s
+//! and end-to-end latency, same-core vs cross-core), `room` (one publisher, M members; paced
+//! with `--rate`, or saturating with `--rate 0`), `echo` (closed-loop echo against any
+//! WebSocket echo server, for peers). One process holds at most ~19,000
 //! connections here (20,000 fds), so `--processes P` forks P copies of itself, each taking
 //! every P-th connection, and merges their results. Progress goes to stderr once a second;
 //! the final result is one JSON object on stdout. `soak` (see `soak.rs`) is a long mixed run
@@ -63,9 +64,11 @@ struct Args {
     /// Server address (loopback).
     #[arg(long, default_value = "127.0.0.1:8080")]
     target: SocketAddr,
-    /// Path for `echo` (the gateway scenarios use /ws?user=...).
-    #[arg(long, default_value = "/echo")]
-    path: String,
+    /// Path for `echo` (default /echo) and `connect`. `connect` without it opens
+    /// /ws?user=... and waits for wsgate's welcome; with it, only for the 101 (any WebSocket
+    /// server). The other scenarios always use /ws?user=....
+    #[arg(long)]
+    path: Option<String>,
     /// Connections in total (over all processes).
     #[arg(long, default_value_t = 100)]
     connections: usize,
@@ -86,6 +89,8 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     size: usize,
     /// Messages per second per sending connection; 0 = closed loop (`--window` in flight).
+    /// `room`: publishes per second; 0 = as fast as the server acknowledges them, with
+    /// `--window` acknowledged publishes in flight (saturation).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
     /// Closed loop: messages in flight per connection.
@@ -194,6 +199,10 @@ struct Counters {
     threads_ready: AtomicUsize,
     /// Longest time a thread took to open its connections.
     connect_ns: AtomicU64,
+    /// Connections the server closed with a close frame during the load (`room`, `direct`).
+    server_closes: AtomicU64,
+    /// Of those, closed with 1013 (a slow consumer, or overloaded).
+    closes_1013: AtomicU64,
 }
 
 /// What a thread measured.
@@ -219,6 +228,10 @@ struct ProcResult {
     measured_bytes: u64,
     measured_secs: f64,
     connect_secs: f64,
+    #[serde(default)]
+    server_closes: u64,
+    #[serde(default)]
+    closes_1013: u64,
     latency: Vec<(u64, u64)>,
     same_core: Vec<(u64, u64)>,
     cross_core: Vec<(u64, u64)>,
@@ -469,6 +482,8 @@ fn run_process(args: &Args, controller: bool) -> Result<(ProcResult, Option<serd
         measured_bytes: counters.measured_bytes.load(Relaxed),
         measured_secs: args.duration.as_secs_f64(),
         connect_secs: counters.connect_ns.load(Relaxed) as f64 / 1e9,
+        server_closes: counters.server_closes.load(Relaxed),
+        closes_1013: counters.closes_1013.load(Relaxed),
         latency: dump(&latency),
         same_core: dump(&same),
         cross_core: dump(&cross),
@@ -492,9 +507,19 @@ fn source_of(args: &Args, i: usize) -> Option<Ipv4Addr> {
 }
 
 fn path_of(args: &Args, i: usize) -> String {
-    match args.scenario {
-        Scenario::Echo => args.path.clone(),
+    match (args.scenario, &args.path) {
+        (Scenario::Echo, p) => p.clone().unwrap_or_else(|| "/echo".into()),
+        (Scenario::Connect, Some(p)) => p.clone(),
         _ => format!("/ws?user={}", user_of(args, i)),
+    }
+}
+
+/// Whether the server is wsgate's /ws, which sends a welcome first.
+fn expects_welcome(args: &Args) -> bool {
+    match args.scenario {
+        Scenario::Echo => false,
+        Scenario::Connect => args.path.is_none(),
+        _ => true,
     }
 }
 
@@ -510,7 +535,7 @@ async fn open_all(
         let mut joins = Vec::with_capacity(chunk.len());
         for &i in chunk {
             let (target, src, path) = (args.target, source_of(args, i), path_of(args, i));
-            let gateway = args.scenario != Scenario::Echo;
+            let gateway = expects_welcome(args);
             let out = out.clone();
             joins.push(monoio::spawn(async move {
                 let t0 = Instant::now();
@@ -830,10 +855,15 @@ async fn room(
     {
         return;
     }
+    if publisher && args.rate <= 0.0 {
+        publish_closed_loop(&args, &mut conn, core, window, &hists, &counters).await;
+        conn.abort();
+        return;
+    }
     if publisher {
         let pad = padding(args.size);
         let room = args.room.clone();
-        let rate = if args.rate > 0.0 { args.rate } else { 100.0 };
+        let rate = args.rate;
         // Let the members' joins land first.
         let delay = Duration::from_millis(500);
         let make = move |_| {
@@ -854,6 +884,80 @@ async fn room(
     }
     receive_deliveries(&mut conn, core, window, &hists, &counters).await;
     conn.abort();
+}
+
+/// The saturating publisher (`room --rate 0`): after the members' joins had time to land,
+/// keeps `--window` publishes with an `id` in flight and sends the next one for every `ack`
+/// (or `error`) that comes back, as fast as the server acknowledges them. It is a member too,
+/// so it records its own deliveries like every other member.
+async fn publish_closed_loop(
+    args: &Args,
+    conn: &mut WsConn,
+    core: u8,
+    window: Window,
+    hists: &RefCell<ThreadHists>,
+    counters: &Counters,
+) {
+    let pad = padding(args.size);
+    let room = &args.room;
+    let request = |id: u64| {
+        let text = format!(
+            r#"{{"type":"publish","room":"{room}","id":{id},"data":{{"t":{},"c":{core},"p":"{pad}"}}}}"#,
+            now_ns()
+        );
+        client_frame(0x1, text.as_bytes())
+    };
+    monoio::time::sleep(Duration::from_millis(500)).await;
+    let stop = monoio::time::Instant::from_std(window.end);
+    let _ = monoio::time::timeout_at(stop, async {
+        let mut id = 0;
+        for _ in 0..args.window.max(1) {
+            id += 1;
+            if conn.send(&request(id)).await.is_err() {
+                return;
+            }
+            counters.sent.fetch_add(1, Relaxed);
+        }
+        loop {
+            let mut answered = 0;
+            let r = conn
+                .read_frames(|f| {
+                    let p = f.payload;
+                    if p.starts_with(br#"{"type":"message""#) {
+                        record_delivery(p, core, window, hists, counters);
+                    } else if (p.starts_with(br#"{"type":"ack""#)
+                        && p.windows(11).any(|w| w == br#""delivered""#))
+                        || p.starts_with(br#"{"type":"error""#)
+                    {
+                        // The join's ack carries no `delivered`: not a publish's answer.
+                        answered += 1;
+                    }
+                })
+                .await;
+            if r.is_err() {
+                break;
+            }
+            for _ in 0..answered {
+                id += 1;
+                if conn.send(&request(id)).await.is_err() {
+                    return;
+                }
+            }
+            counters.sent.fetch_add(answered, Relaxed);
+        }
+    })
+    .await;
+    count_close(conn, counters);
+}
+
+/// Counts a close frame the server sent (1013: closed as a slow consumer).
+fn count_close(conn: &WsConn, counters: &Counters) {
+    if let Some(code) = conn.close_code() {
+        counters.server_closes.fetch_add(1, Relaxed);
+        if code == 1013 {
+            counters.closes_1013.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 /// Reads until the window ends, recording every delivery's latency.
@@ -877,6 +981,7 @@ async fn receive_deliveries(
         {}
     })
     .await;
+    count_close(conn, counters);
 }
 
 /// Sends `make(n)` for n = 1, 2, ... at `rate` per second until `end` (after `delay`).
@@ -937,6 +1042,8 @@ fn report(args: &Args, results: Vec<ProcResult>, sample: Option<serde_json::Valu
         total.measured_received += r.measured_received;
         total.measured_bytes += r.measured_bytes;
         total.connect_secs = total.connect_secs.max(r.connect_secs);
+        total.server_closes += r.server_closes;
+        total.closes_1013 += r.closes_1013;
     }
     let secs = args.duration.as_secs_f64();
     let out = json!({
@@ -952,6 +1059,8 @@ fn report(args: &Args, results: Vec<ProcResult>, sample: Option<serde_json::Valu
         "connects_per_sec": if total.connect_secs > 0.0 { (total.connected as f64 / total.connect_secs).round() } else { 0.0 },
         "sent": total.sent,
         "received": total.received,
+        "server_closes": total.server_closes,
+        "closes_1013": total.closes_1013,
         "msgs_per_sec": (total.measured_received as f64 / secs).round(),
         "mbytes_per_sec": ((total.measured_bytes as f64 / secs / 1e6) * 100.0).round() / 100.0,
         "latency": percentiles(&latency),

@@ -1,7 +1,7 @@
 //! Echo server on fastwebsockets 0.10 with hyper 1.x doing the HTTP/1.1 upgrade, shaped like
 //! fastwebsockets' own `examples/echo_server.rs` (hyper `serve_connection(..).with_upgrades()`,
 //! `upgrade::upgrade`, a `FragmentCollector`, the handler run `unconstrained`), but on a
-//! multi-thread tokio runtime with one worker per CPU. auto_close and auto_pong are on (pings
+//! multi-thread tokio runtime with one worker per CPU (or `--current-thread`). auto_close and auto_pong are on (pings
 //! and closes are answered by the library), writev is on (header and payload in one
 //! `writev` for payloads above fastwebsockets' 1 KiB threshold). Any path is accepted.
 

@@ -1,6 +1,6 @@
-//! The physical ceiling: a raw TCP echo on a multi-thread tokio runtime (one 64 KiB buffer per
-//! connection, `read` then `write_all` back), with just enough WebSocket to be measured by the
-//! same load generator as everything else.
+//! The physical ceiling: a raw TCP echo on tokio (multi-thread, or `--current-thread`; one
+//! 64 KiB buffer per connection, `read` then `write_all` back), with just enough WebSocket to
+//! be measured by the same load generator as everything else.
 //!
 //! * The upgrade: read the HTTP request head up to `\r\n\r\n`, answer `101 Switching
 //!   Protocols` with the `Sec-WebSocket-Accept` derived from the request's key (tungstenite's

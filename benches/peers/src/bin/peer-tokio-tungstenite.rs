@@ -1,5 +1,6 @@
 //! Echo server on tokio-tungstenite 0.30 (tungstenite 0.30, the version wsgate uses for its
-//! handshake): multi-thread tokio runtime, one task per connection, any path.
+//! handshake): multi-thread tokio runtime (or `--current-thread`), one task per connection, any
+//! path.
 //!
 //! Per wake-up the task takes every message that is already decoded or readable without
 //! waiting, `feed`s the text/binary ones into the sink (tungstenite's write buffer) and then
