@@ -1465,3 +1465,138 @@ impl<C: Clone> Router<C> {
         self.waiters.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router<u32> {
+        let limits = Limits {
+            max_rooms_per_conn: 8,
+            max_connections_per_user: 0,
+        };
+        Router::new(0, Owners::with_keys(1, (1, 2)), limits, Arc::default())
+    }
+
+    fn member(r: &mut Router<u32>, handle: u32, room: &str) -> ConnKey {
+        let key = r.insert(Some(format!("u{handle}").into()), handle).unwrap();
+        r.register(key);
+        assert_eq!(r.join(key, room, None), Joined::Ok);
+        key
+    }
+
+    /// What the actions do to each connection, in order: (handle, frame).
+    fn pushes(r: &mut Router<u32>) -> Vec<(u32, Bytes)> {
+        let mut actions = Vec::new();
+        r.take_actions(&mut actions);
+        let mut out = Vec::new();
+        for a in actions {
+            match a {
+                Action::Push { conn, frame } => out.push((conn, frame)),
+                Action::Fanout { conns, frames } => {
+                    for c in conns {
+                        out.extend(frames.iter().map(|f| (c, f.clone())));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn fanouts(r: &mut Router<u32>) -> Vec<(Vec<u32>, Vec<Bytes>)> {
+        let mut actions = Vec::new();
+        r.take_actions(&mut actions);
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Fanout { conns, frames } => Some((conns, frames)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn publishes_in_a_row_reach_each_member_as_one_fanout() {
+        let mut r = router();
+        member(&mut r, 1, "lobby");
+        member(&mut r, 2, "lobby");
+        pushes(&mut r);
+        for i in 0..3 {
+            r.publish("lobby", Bytes::from(format!("m{i}")), None);
+        }
+        assert!(r.has_fanout());
+        assert!(fanouts(&mut r).is_empty(), "held until the flush");
+        r.flush_fanout();
+        assert!(!r.has_fanout());
+        let f = fanouts(&mut r);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].0, vec![1, 2]);
+        assert_eq!(f[0].1, vec!["m0", "m1", "m2"]);
+    }
+
+    #[test]
+    fn anything_that_could_reorder_or_change_the_members_flushes_first() {
+        let mut r = router();
+        let a = member(&mut r, 1, "lobby");
+        member(&mut r, 2, "lobby");
+        member(&mut r, 3, "other");
+        pushes(&mut r);
+
+        // An ack to a member comes after the room messages published before it.
+        let id = RawValue::from_string("7".into()).unwrap();
+        r.publish("lobby", Bytes::from_static(b"m0"), Some((a, id)));
+        let got = pushes(&mut r);
+        let to_a: Vec<&Bytes> = got
+            .iter()
+            .filter(|(c, _)| *c == 1)
+            .map(|(_, f)| f)
+            .collect();
+        assert_eq!(to_a.len(), 2);
+        assert_eq!(to_a[0], "m0");
+        assert!(to_a[1].windows(12).any(|w| w == br#""type":"ack""#));
+
+        // A newcomer does not get what was published before its join; one who leaves gets
+        // what was published while it was in.
+        r.publish("lobby", Bytes::from_static(b"m1"), None);
+        member(&mut r, 4, "lobby");
+        r.publish("lobby", Bytes::from_static(b"m2"), None);
+        r.leave(a, "lobby");
+        r.publish("lobby", Bytes::from_static(b"m3"), None);
+        r.flush_fanout();
+        let got = pushes(&mut r);
+        let frames_of = |h: u32| -> Vec<Bytes> {
+            got.iter()
+                .filter(|(c, f)| *c == h && f.starts_with(b"m"))
+                .map(|(_, f)| f.clone())
+                .collect()
+        };
+        assert_eq!(frames_of(1), vec!["m1", "m2"]);
+        assert_eq!(frames_of(2), vec!["m1", "m2", "m3"]);
+        assert_eq!(frames_of(4), vec!["m2", "m3"]);
+
+        // A publish to another room hands out the pending one first.
+        r.publish("lobby", Bytes::from_static(b"m4"), None);
+        r.publish("other", Bytes::from_static(b"o1"), None);
+        assert_eq!(fanouts(&mut r).len(), 1);
+        r.flush_fanout();
+        let f = fanouts(&mut r);
+        assert_eq!(f, vec![(vec![3], vec![Bytes::from_static(b"o1")])]);
+    }
+
+    #[test]
+    fn a_fanout_is_bounded_in_bytes() {
+        let mut r = router();
+        member(&mut r, 1, "lobby");
+        pushes(&mut r);
+        let frame = Bytes::from(vec![b'x'; 1000]);
+        for _ in 0..100 {
+            r.publish("lobby", frame.clone(), None);
+        }
+        r.flush_fanout();
+        let f = fanouts(&mut r);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].1.len(), FANOUT_MAX_BYTES / 1000);
+        assert_eq!(f.iter().map(|x| x.1.len()).sum::<usize>(), 100);
+    }
+}
