@@ -337,14 +337,13 @@ impl Core {
         }
     }
 
-    /// The flusher task: after the tasks that queued messages have run, hands the room
-    /// messages gathered meanwhile to their members (one queue entry per member), and sends
-    /// each core's batch with a single wake.
+    /// The flusher task: after the tasks that queued messages have run, sends each core's
+    /// batch with a single wake, then hands the room messages gathered meanwhile to their
+    /// members here (one queue entry per member).
     pub async fn run_flusher(self: Rc<Self>) {
         loop {
             wait_until(&self.flush_waker, || self.flush_pending.get()).await;
             self.flush_pending.set(false);
-            self.route(|r| r.flush_fanout());
             let batches: Vec<(usize, Vec<Msg>)> = self
                 .outbox
                 .borrow_mut()
@@ -364,6 +363,9 @@ impl Core {
                     &self.shared.pressure,
                 );
             }
+            // The other cores first: their fan-out then runs while this core writes to its
+            // own members. (Handing out room messages posts nothing.)
+            self.route(|r| r.flush_fanout());
         }
     }
 

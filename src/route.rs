@@ -33,6 +33,11 @@
 //! forwards the frame once to each other core with members; cores without members receive
 //! nothing. Counts flow back through waiters for `delivered`.
 //!
+//! A core hands room messages to its members in runs: publishes to one room handled one after
+//! another wait in one pending [`Action::Fanout`] until the caller flushes it or something
+//! that could reorder a member's frames or change the members comes first (see
+//! [`Router::flush_fanout`]), so a member gets a run of messages as one piece.
+//!
 //! # Waiters
 //!
 //! Answers that need counts from other cores (publish and broadcast `delivered`, API calls)
