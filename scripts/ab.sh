@@ -6,6 +6,7 @@
 #   scripts/ab.sh OLD_WSGATE NEW_WSGATE [ROUNDS]     (wsgate-bench from target/release)
 #   env: AB_BENCH (wsgate-bench path), AB_SCENARIOS (default "direct room room1k idle"),
 #        AB_PIN=1: one worker pinned to CPU 1 and the generator to CPU 0 (per-core mode).
+#   Either build may be a peer server from benches/peers (named peer-*, e.g. peer-broadcast).
 #   Room fan-out scenarios: fan1k and fan5k publish to rooms of 1,000 and 5,000 members as
 #   fast as the gateway takes it (open loop at 100,000/s); fanmod publishes 100/s to 1,000
 #   members (compare p99). Each run also reports the gateway's CPU per delivery (µs, from
@@ -20,11 +21,14 @@ cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; }
 trap cleanup EXIT
 gen=()
 start() {
+  # A peer server from benches/peers (peer-*) runs on one thread or two, like wsgate.
+  local one=(--workers 1) two=(--workers 2)
+  case $(basename "$1") in peer-*) one=(--current-thread); two=(--threads 2) ;; esac
   if [ "${AB_PIN:-0}" = 1 ]; then
-    taskset -c 1 "$1" --listen 127.0.0.1:0 --workers 1 >"$out/gw.out" 2>"$out/gw.err" &
+    taskset -c 1 "$1" --listen 127.0.0.1:0 "${one[@]}" >"$out/gw.out" 2>"$out/gw.err" &
     gen=(taskset -c 0)
   else
-    "$1" --listen 127.0.0.1:0 --workers 2 >"$out/gw.out" 2>"$out/gw.err" &
+    "$1" --listen 127.0.0.1:0 "${two[@]}" >"$out/gw.out" 2>"$out/gw.err" &
   fi
   pid=$!
   for _ in $(seq 100); do grep -q '^listening on' "$out/gw.out" 2>/dev/null && break; sleep 0.05; done
@@ -46,7 +50,11 @@ run() {
   cpu0=$(awk '{print $14+$15}' "/proc/$pid/stat")
   res=$(timeout 120 "${gen[@]}" "$bench" "${args[@]}" --target "$addr" 2>/dev/null | tail -1) || res=
   cpu1=$(awk '{print $14+$15}' "/proc/$pid/stat")
-  stats=$(curl -s "http://$addr/api/stats" | python3 -c 'import json,sys; t=json.load(sys.stdin)["total"]; print(json.dumps({"deliveries":t["deliveries"],"slow_consumer_closes":t["slow_consumer_closes"]}))' 2>/dev/null) || stats=null
+  case $(basename "$bin") in
+    # The broadcast peer's deliveries are the messages it fed to a connection (not skipped).
+    peer-*) stats=$(curl -s "http://$addr/stats" | python3 -c 'import json,sys; t=json.load(sys.stdin); print(json.dumps({"deliveries":t["fed"],"skipped":t["skipped"],"slow_consumer_closes":0}))' 2>/dev/null) || stats=null ;;
+    *) stats=$(curl -s "http://$addr/api/stats" | python3 -c 'import json,sys; t=json.load(sys.stdin)["total"]; print(json.dumps({"deliveries":t["deliveries"],"slow_consumer_closes":t["slow_consumer_closes"]}))' 2>/dev/null) || stats=null ;;
+  esac
   if [ -n "$res" ]; then
     echo "{\"build\":\"$which\",\"scenario\":\"$sc\",\"round\":$round,\"cpu_ticks\":$((cpu1 - cpu0)),\"stats\":${stats:-null},\"result\":$res}" | tee -a "$out/all.jsonl"
   else
