@@ -4,7 +4,13 @@
 # summary of medians and ratios (B / A). Loopback only; every run is bounded by a timeout.
 #
 #   scripts/ab.sh OLD_WSGATE NEW_WSGATE [ROUNDS]     (wsgate-bench from target/release)
-#   env: AB_BENCH (wsgate-bench path), AB_SCENARIOS (default "direct room room1k idle")
+#   env: AB_BENCH (wsgate-bench path), AB_SCENARIOS (default "direct room room1k idle"),
+#        AB_PIN=1: one worker pinned to CPU 1 and the generator to CPU 0 (per-core mode).
+#   Either build may be a peer server from benches/peers (named peer-*, e.g. peer-broadcast).
+#   Room fan-out scenarios: fan1k and fan5k publish to rooms of 1,000 and 5,000 members as
+#   fast as the gateway takes it (open loop at 100,000/s); fanmod publishes 100/s to 1,000
+#   members (compare p99). Each run also reports the gateway's CPU per delivery (µs, from
+#   /proc and its `deliveries` counter) and its slow-consumer (1013) closes.
 set -euo pipefail
 a=$1 b=$2 rounds=${3:-3}
 bench=${AB_BENCH:-target/release/wsgate-bench}
@@ -13,8 +19,17 @@ out=$(mktemp -d)
 pid=
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; }
 trap cleanup EXIT
+gen=()
 start() {
-  "$1" --listen 127.0.0.1:0 --workers 2 >"$out/gw.out" 2>"$out/gw.err" &
+  # A peer server from benches/peers (peer-*) runs on one thread or two, like wsgate.
+  local one=(--workers 1) two=(--workers 2)
+  case $(basename "$1") in peer-*) one=(--current-thread); two=(--threads 2) ;; esac
+  if [ "${AB_PIN:-0}" = 1 ]; then
+    taskset -c 1 "$1" --listen 127.0.0.1:0 "${one[@]}" >"$out/gw.out" 2>"$out/gw.err" &
+    gen=(taskset -c 0)
+  else
+    "$1" --listen 127.0.0.1:0 "${two[@]}" >"$out/gw.out" 2>"$out/gw.err" &
+  fi
   pid=$!
   for _ in $(seq 100); do grep -q '^listening on' "$out/gw.out" 2>/dev/null && break; sleep 0.05; done
   addr=$(sed -n 's/^listening on //p' "$out/gw.out")
@@ -27,11 +42,21 @@ run() {
     room) args=(room --connections 10001 --rate 10 --duration 8s --warmup 2s) ;;
     room1k) args=(room --connections 1001 --rate 100 --duration 8s --warmup 2s) ;;
     idle) args=(idle --connections 10000 --gateway-pid "$pid" --duration 3s --warmup 2s) ;;
+    fan1k) args=(room --connections 1001 --rate 100000 --duration 8s --warmup 2s) ;;
+    fan5k) args=(room --connections 5001 --rate 100000 --duration 8s --warmup 2s) ;;
+    fanmod) args=(room --connections 1001 --rate 100 --duration 8s --warmup 2s) ;;
   esac
-  local res
-  res=$(timeout 120 "$bench" "${args[@]}" --target "$addr" 2>/dev/null | tail -1) || res=
+  local res cpu0 cpu1 stats
+  cpu0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+  res=$(timeout 120 "${gen[@]}" "$bench" "${args[@]}" --target "$addr" 2>/dev/null | tail -1) || res=
+  cpu1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+  case $(basename "$bin") in
+    # The broadcast peer's deliveries are the messages it fed to a connection (not skipped).
+    peer-*) stats=$(curl -s "http://$addr/stats" | python3 -c 'import json,sys; t=json.load(sys.stdin); print(json.dumps({"deliveries":t["fed"],"skipped":t["skipped"],"slow_consumer_closes":0}))' 2>/dev/null) || stats=null ;;
+    *) stats=$(curl -s "http://$addr/api/stats" | python3 -c 'import json,sys; t=json.load(sys.stdin)["total"]; print(json.dumps({"deliveries":t["deliveries"],"slow_consumer_closes":t["slow_consumer_closes"]}))' 2>/dev/null) || stats=null ;;
+  esac
   if [ -n "$res" ]; then
-    echo "{\"build\":\"$which\",\"scenario\":\"$sc\",\"round\":$round,\"result\":$res}" | tee -a "$out/all.jsonl"
+    echo "{\"build\":\"$which\",\"scenario\":\"$sc\",\"round\":$round,\"cpu_ticks\":$((cpu1 - cpu0)),\"stats\":${stats:-null},\"result\":$res}" | tee -a "$out/all.jsonl"
   else
     echo "run $which $sc round $round failed (no result)" >&2
   fi
@@ -51,10 +76,22 @@ def metric(r):
         g = res.get("gateway") or {}
         return g.get("rss_per_conn_bytes") or g.get("bytes_per_conn")
     return res.get("msgs_per_sec")
+def p99(r):
+    return (r["result"].get("latency") or {}).get("p99_us")
+def cpu_per_delivery(r):
+    d = (r.get("stats") or {}).get("deliveries")
+    return round(r["cpu_ticks"] * 1e4 / d, 4) if d else None
+def slow(r):
+    return (r.get("stats") or {}).get("slow_consumer_closes")
+extra = {"fan1k": [("cpu_us_per_delivery", cpu_per_delivery), ("1013_closes", slow)],
+         "fan5k": [("cpu_us_per_delivery", cpu_per_delivery), ("1013_closes", slow)],
+         "fanmod": [("p99_us", p99), ("cpu_us_per_delivery", cpu_per_delivery)]}
 for sc in sorted({r["scenario"] for r in rows}):
-    vals = {b: [metric(r) for r in rows if r["scenario"] == sc and r["build"] == b] for b in "AB"}
-    vals = {b: [v for v in vs if v is not None] for b, vs in vals.items()}
-    if vals["A"] and vals["B"]:
-        ma, mb = statistics.median(vals["A"]), statistics.median(vals["B"])
-        print(f"{sc:8} A median {ma:12.1f}  B median {mb:12.1f}  B/A {mb/ma:5.2f}  A {vals['A']}  B {vals['B']}")
+    for name, f in [("metric", metric)] + extra.get(sc, []):
+        vals = {b: [f(r) for r in rows if r["scenario"] == sc and r["build"] == b] for b in "AB"}
+        vals = {b: [v for v in vs if v is not None] for b, vs in vals.items()}
+        if vals["A"] and vals["B"]:
+            ma, mb = statistics.median(vals["A"]), statistics.median(vals["B"])
+            ratio = f"{mb/ma:5.2f}" if ma else "  -  "
+            print(f"{sc:8} {name:20} A median {ma:12.4g}  B median {mb:12.4g}  B/A {ratio}  A {vals['A']}  B {vals['B']}")
 PY

@@ -235,6 +235,11 @@ impl Core {
     fn route<R>(&self, event: impl FnOnce(&mut CoreRouter) -> R) -> R {
         let r = event(&mut self.router.borrow_mut());
         self.run_actions();
+        // Room messages the router gathers go out when the flusher runs: after the tasks
+        // that are ready now, e.g. after every publish of a read or of a mailbox batch.
+        if self.router.borrow().has_fanout() {
+            self.wake_flusher();
+        }
         r
     }
 
@@ -251,6 +256,7 @@ impl Core {
             for action in actions.drain(..) {
                 match action {
                     Action::Push { conn, frame } => self.push_to(&conn, frame),
+                    Action::Fanout { conns, frames } => self.push_fanout(&conns, frames),
                     Action::Post { core, msg } => self.post(core, msg),
                     Action::Registered { conn, ok } => conn.set_registered(ok),
                     Action::Kick { conn } => conn.request_close(CloseReq::initiate(
@@ -320,6 +326,10 @@ impl Core {
         {
             self.shared.pressure.set(core, Reason::Mailbox, true);
         }
+        self.wake_flusher();
+    }
+
+    fn wake_flusher(&self) {
         if !self.flush_pending.replace(true) {
             if let Some(w) = self.flush_waker.take() {
                 w.wake();
@@ -327,8 +337,9 @@ impl Core {
         }
     }
 
-    /// The flusher task: after the tasks that queued messages have run, send each core's
-    /// batch with a single wake.
+    /// The flusher task: after the tasks that queued messages have run, sends each core's
+    /// batch with a single wake, then hands the room messages gathered meanwhile to their
+    /// members here (one queue entry per member).
     pub async fn run_flusher(self: Rc<Self>) {
         loop {
             wait_until(&self.flush_waker, || self.flush_pending.get()).await;
@@ -352,6 +363,9 @@ impl Core {
                     &self.shared.pressure,
                 );
             }
+            // The other cores first: their fan-out then runs while this core writes to its
+            // own members. (Handing out room messages posts nothing.)
+            self.route(|r| r.flush_fanout());
         }
     }
 
@@ -435,6 +449,38 @@ impl Core {
             }
             Push::Overflow => stats::inc(&self.stats().slow_consumer_closes),
             Push::Closed => {}
+        }
+    }
+
+    /// Queues `frames` on each of `conns` (room members), joined into one buffer: one queue
+    /// entry, one reference count and, for the writer, one piece of a write per member,
+    /// however many messages. Counted per message, like [`Core::push_to`].
+    fn push_fanout(&self, conns: &[Rc<ConnShared>], mut frames: Vec<Bytes>) {
+        let messages = frames.len() as u64;
+        let frame = if frames.len() == 1 {
+            frames.pop().expect("one frame")
+        } else {
+            let mut joined = Vec::with_capacity(frames.iter().map(Bytes::len).sum());
+            for f in &frames {
+                joined.extend_from_slice(f);
+            }
+            Bytes::from(joined)
+        };
+        let max = self.config().max_queued_bytes;
+        let (mut queued, mut overflows) = (0u64, 0u64);
+        for conn in conns {
+            match conn.push(frame.clone(), max) {
+                Push::Queued => queued += 1,
+                Push::Overflow => overflows += 1,
+                Push::Closed => {}
+            }
+        }
+        if queued > 0 {
+            stats::add(&self.stats().messages_out, queued * messages);
+            self.queued_add(frame.len() * queued as usize);
+        }
+        if overflows > 0 {
+            stats::add(&self.stats().slow_consumer_closes, overflows);
         }
     }
 

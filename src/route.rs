@@ -33,6 +33,11 @@
 //! forwards the frame once to each other core with members; cores without members receive
 //! nothing. Counts flow back through waiters for `delivered`.
 //!
+//! A core hands room messages to its members in runs: publishes to one room handled one after
+//! another wait in one pending [`Action::Fanout`] until the caller flushes it or something
+//! that could reorder a member's frames or change the members comes first (see
+//! [`Router::flush_fanout`]), so a member gets a run of messages as one piece.
+//!
 //! # Waiters
 //!
 //! Answers that need counts from other cores (publish and broadcast `delivered`, API calls)
@@ -375,6 +380,15 @@ pub enum Action<C> {
         /// The frame.
         frame: Bytes,
     },
+    /// Queue `frames`, in order, on each of these live connections of this core: the
+    /// publishes to one room that the core handled one after another (see
+    /// [`Router::flush_fanout`]). The caller may join the frames into one buffer first.
+    Fanout {
+        /// The room's members on this core.
+        conns: Vec<C>,
+        /// The frames, oldest first.
+        frames: Vec<Bytes>,
+    },
     /// Send `msg` to core `core` (FIFO per pair of cores).
     Post {
         /// The destination.
@@ -437,6 +451,20 @@ struct LocalRoom {
     waiting: Vec<(ConnKey, Box<RawValue>)>,
 }
 
+/// Publishes to one room that this core handled one after another and has not yet handed to
+/// the room's members here (see [`Router::flush_fanout`]).
+struct Fanout {
+    room: Box<str>,
+    frames: Vec<Bytes>,
+    bytes: usize,
+}
+
+/// The most frames a pending fan-out gathers before it is handed out.
+const FANOUT_MAX_FRAMES: usize = 1024;
+/// The most bytes it gathers (a member's queue takes it as one buffer; far below the
+/// smallest sensible `--max-queued-bytes` share of a read).
+const FANOUT_MAX_BYTES: usize = 64 * 1024;
+
 /// One core's routing state.
 pub struct Router<C> {
     id: usize,
@@ -450,6 +478,8 @@ pub struct Router<C> {
     room_seq: u64,
     waiters: GenSlab<Waiter>,
     out: Vec<Action<C>>,
+    /// Room messages handled and not yet handed to this core's members.
+    fanout: Option<Fanout>,
     /// Cluster mode: requests also go to the other nodes through the broker.
     cluster: bool,
     /// Subscriptions this core asked for and the broker has not confirmed yet.
@@ -472,6 +502,7 @@ impl<C: Clone> Router<C> {
             room_seq: 0,
             waiters: GenSlab::new(id),
             out: Vec::new(),
+            fanout: None,
             cluster: false,
             interest: HashMap::new(),
             interest_seq: 0,
@@ -490,9 +521,70 @@ impl<C: Clone> Router<C> {
         self.id
     }
 
-    /// Moves the actions produced so far into `into` (appending).
+    /// Moves the actions produced so far into `into` (appending). A pending fan-out stays
+    /// pending: see [`Router::flush_fanout`].
     pub fn take_actions(&mut self, into: &mut Vec<Action<C>>) {
         into.append(&mut self.out);
+    }
+
+    /// Whether room messages wait for [`Router::flush_fanout`].
+    pub fn has_fanout(&self) -> bool {
+        self.fanout.is_some()
+    }
+
+    /// Hands the pending room messages to the room's members on this core, as one
+    /// [`Action::Fanout`].
+    ///
+    /// Publishes to one room handled one after another (the publishes of one read, the
+    /// room messages of one mailbox batch) are gathered, so that each member's queue gets
+    /// them in one piece and its writer sends them in one write, instead of one queue entry
+    /// and one write per message and member. The caller flushes once it has handled what was
+    /// ready (the gateway: after the other tasks that ran in the same pass). The router
+    /// flushes by itself before anything that could reorder a member's frames or change who
+    /// gets them: another frame for a member of the room, a broadcast, a join or leave of the
+    /// room, a removal, a publish to another room. The members are the room's members when
+    /// the messages were handled (no membership change of the room happens in between), so
+    /// `delivered` counts stay exact.
+    pub fn flush_fanout(&mut self) {
+        let Some(f) = self.fanout.take() else {
+            return;
+        };
+        let Some(local) = self.rooms.get(&f.room) else {
+            return;
+        };
+        let conns: Vec<C> = local
+            .members
+            .iter()
+            .filter_map(|k| self.conns.get(*k).map(|e| e.handle.clone()))
+            .collect();
+        if !conns.is_empty() {
+            self.out.push(Action::Fanout {
+                conns,
+                frames: f.frames,
+            });
+        }
+    }
+
+    /// Flushes the pending fan-out if `key` is a member of its room (a frame for `key` must
+    /// not overtake it).
+    fn flush_fanout_for(&mut self, key: ConnKey) {
+        let member = match &self.fanout {
+            Some(f) => self
+                .rooms
+                .get(&f.room)
+                .is_some_and(|r| r.members.contains(&key)),
+            None => false,
+        };
+        if member {
+            self.flush_fanout();
+        }
+    }
+
+    /// Flushes the pending fan-out if it is for `room` (its members are about to change).
+    fn flush_fanout_of(&mut self, room: &str) {
+        if self.fanout.as_ref().is_some_and(|f| &*f.room == room) {
+            self.flush_fanout();
+        }
     }
 
     /// This core's connections.
@@ -610,7 +702,10 @@ impl<C: Clone> Router<C> {
             Msg::Subscribed { kind, name, seq } => self.subscribed(kind, name, seq),
             Msg::Remote { req, token } => self.remote(req, token),
             Msg::Count { waiter, n } => self.count(waiter, n),
-            Msg::Shutdown => self.out.push(Action::Shutdown),
+            Msg::Shutdown => {
+                self.flush_fanout();
+                self.out.push(Action::Shutdown);
+            }
         }
     }
 
@@ -680,6 +775,7 @@ impl<C: Clone> Router<C> {
     fn on_registered(&mut self, key: ConnKey, ok: bool) {
         if let Some(e) = self.conns.get(key) {
             let conn = e.handle.clone();
+            self.flush_fanout_for(key);
             self.out.push(Action::Registered { conn, ok });
         }
     }
@@ -942,6 +1038,7 @@ impl<C: Clone> Router<C> {
     fn deliver_local(&mut self, key: ConnKey, frame: Bytes) {
         if let Some(e) = self.conns.get(key) {
             let conn = e.handle.clone();
+            self.flush_fanout_for(key);
             self.out.push(Action::Push { conn, frame });
         }
     }
@@ -952,6 +1049,8 @@ impl<C: Clone> Router<C> {
     /// publishes from every core reach it: at once when the room's owner already knows this
     /// core has members, else when the owner confirms.
     pub fn join(&mut self, key: ConnKey, room: &str, id: Option<&RawValue>) -> Joined {
+        // A new member must not get what was published before it joined.
+        self.flush_fanout_of(room);
         let Some(entry) = self.conns.get_mut(key) else {
             return Joined::Ok;
         };
@@ -999,6 +1098,8 @@ impl<C: Clone> Router<C> {
     }
 
     fn leave_room_set(&mut self, key: ConnKey, room: &str) {
+        // A member that leaves still gets what was published while it was in.
+        self.flush_fanout_of(room);
         let Some(local) = self.rooms.get_mut(room) else {
             return;
         };
@@ -1095,15 +1196,25 @@ impl<C: Clone> Router<C> {
             return 0;
         };
         let n = local.members.len() as u64;
-        for key in &local.members {
-            if let Some(e) = self.conns.get(*key) {
-                self.out.push(Action::Push {
-                    conn: e.handle.clone(),
-                    frame: frame.clone(),
+        stats::add(&self.stats.deliveries, n);
+        match &mut self.fanout {
+            Some(f)
+                if *f.room == *room
+                    && f.frames.len() < FANOUT_MAX_FRAMES
+                    && f.bytes + frame.len() <= FANOUT_MAX_BYTES =>
+            {
+                f.frames.push(frame.clone());
+                f.bytes += frame.len();
+            }
+            _ => {
+                self.flush_fanout();
+                self.fanout = Some(Fanout {
+                    room: room.into(),
+                    frames: vec![frame.clone()],
+                    bytes: frame.len(),
                 });
             }
         }
-        stats::add(&self.stats.deliveries, n);
         n
     }
 
@@ -1178,6 +1289,7 @@ impl<C: Clone> Router<C> {
 
     /// Delivers to every user connection of this core; returns how many.
     fn broadcast_local(&mut self, frame: &Bytes) -> u64 {
+        self.flush_fanout();
         let mut n = 0;
         for (_, e) in self.conns.iter() {
             if e.user.is_some() {
@@ -1310,6 +1422,7 @@ impl<C: Clone> Router<C> {
     fn kick_local(&mut self, key: ConnKey) {
         if let Some(e) = self.conns.get(key) {
             let conn = e.handle.clone();
+            self.flush_fanout_for(key);
             self.out.push(Action::Kick { conn });
         }
     }
@@ -1355,5 +1468,140 @@ impl<C: Clone> Router<C> {
     /// Waiters still open on this core.
     pub fn waiter_count(&self) -> usize {
         self.waiters.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router<u32> {
+        let limits = Limits {
+            max_rooms_per_conn: 8,
+            max_connections_per_user: 0,
+        };
+        Router::new(0, Owners::with_keys(1, (1, 2)), limits, Arc::default())
+    }
+
+    fn member(r: &mut Router<u32>, handle: u32, room: &str) -> ConnKey {
+        let key = r.insert(Some(format!("u{handle}").into()), handle).unwrap();
+        r.register(key);
+        assert_eq!(r.join(key, room, None), Joined::Ok);
+        key
+    }
+
+    /// What the actions do to each connection, in order: (handle, frame).
+    fn pushes(r: &mut Router<u32>) -> Vec<(u32, Bytes)> {
+        let mut actions = Vec::new();
+        r.take_actions(&mut actions);
+        let mut out = Vec::new();
+        for a in actions {
+            match a {
+                Action::Push { conn, frame } => out.push((conn, frame)),
+                Action::Fanout { conns, frames } => {
+                    for c in conns {
+                        out.extend(frames.iter().map(|f| (c, f.clone())));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn fanouts(r: &mut Router<u32>) -> Vec<(Vec<u32>, Vec<Bytes>)> {
+        let mut actions = Vec::new();
+        r.take_actions(&mut actions);
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Fanout { conns, frames } => Some((conns, frames)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn publishes_in_a_row_reach_each_member_as_one_fanout() {
+        let mut r = router();
+        member(&mut r, 1, "lobby");
+        member(&mut r, 2, "lobby");
+        pushes(&mut r);
+        for i in 0..3 {
+            r.publish("lobby", Bytes::from(format!("m{i}")), None);
+        }
+        assert!(r.has_fanout());
+        assert!(fanouts(&mut r).is_empty(), "held until the flush");
+        r.flush_fanout();
+        assert!(!r.has_fanout());
+        let f = fanouts(&mut r);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].0, vec![1, 2]);
+        assert_eq!(f[0].1, vec!["m0", "m1", "m2"]);
+    }
+
+    #[test]
+    fn anything_that_could_reorder_or_change_the_members_flushes_first() {
+        let mut r = router();
+        let a = member(&mut r, 1, "lobby");
+        member(&mut r, 2, "lobby");
+        member(&mut r, 3, "other");
+        pushes(&mut r);
+
+        // An ack to a member comes after the room messages published before it.
+        let id = RawValue::from_string("7".into()).unwrap();
+        r.publish("lobby", Bytes::from_static(b"m0"), Some((a, id)));
+        let got = pushes(&mut r);
+        let to_a: Vec<&Bytes> = got
+            .iter()
+            .filter(|(c, _)| *c == 1)
+            .map(|(_, f)| f)
+            .collect();
+        assert_eq!(to_a.len(), 2);
+        assert_eq!(to_a[0], "m0");
+        assert!(to_a[1].windows(12).any(|w| w == br#""type":"ack""#));
+
+        // A newcomer does not get what was published before its join; one who leaves gets
+        // what was published while it was in.
+        r.publish("lobby", Bytes::from_static(b"m1"), None);
+        member(&mut r, 4, "lobby");
+        r.publish("lobby", Bytes::from_static(b"m2"), None);
+        r.leave(a, "lobby");
+        r.publish("lobby", Bytes::from_static(b"m3"), None);
+        r.flush_fanout();
+        let got = pushes(&mut r);
+        let frames_of = |h: u32| -> Vec<Bytes> {
+            got.iter()
+                .filter(|(c, f)| *c == h && f.starts_with(b"m"))
+                .map(|(_, f)| f.clone())
+                .collect()
+        };
+        assert_eq!(frames_of(1), vec!["m1", "m2"]);
+        assert_eq!(frames_of(2), vec!["m1", "m2", "m3"]);
+        assert_eq!(frames_of(4), vec!["m2", "m3"]);
+
+        // A publish to another room hands out the pending one first.
+        r.publish("lobby", Bytes::from_static(b"m4"), None);
+        r.publish("other", Bytes::from_static(b"o1"), None);
+        assert_eq!(fanouts(&mut r).len(), 1);
+        r.flush_fanout();
+        let f = fanouts(&mut r);
+        assert_eq!(f, vec![(vec![3], vec![Bytes::from_static(b"o1")])]);
+    }
+
+    #[test]
+    fn a_fanout_is_bounded_in_bytes() {
+        let mut r = router();
+        member(&mut r, 1, "lobby");
+        pushes(&mut r);
+        let frame = Bytes::from(vec![b'x'; 1000]);
+        for _ in 0..100 {
+            r.publish("lobby", frame.clone(), None);
+        }
+        r.flush_fanout();
+        let f = fanouts(&mut r);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].1.len(), FANOUT_MAX_BYTES / 1000);
+        assert_eq!(f.iter().map(|x| x.1.len()).sum::<usize>(), 100);
     }
 }

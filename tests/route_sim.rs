@@ -238,6 +238,12 @@ impl Sim {
 
     /// Carries out core `core`'s actions.
     fn run(&mut self, node: usize, core: usize) -> Result<(), String> {
+        // Room messages a router gathers are handed out at some later point (the gateway:
+        // once the other ready tasks have run): sometimes at once, sometimes after other
+        // events (see `Ev::Flush`).
+        if self.rng.below(2) == 0 {
+            self.nodes[node].cores[core].flush_fanout();
+        }
         let mut actions = Vec::new();
         self.nodes[node].cores[core].take_actions(&mut actions);
         for a in actions {
@@ -250,6 +256,13 @@ impl Sim {
                         .push_back(msg);
                 }
                 Action::Push { conn, frame } => self.receive(conn.0, &frame)?,
+                Action::Fanout { conns, frames } => {
+                    for conn in conns {
+                        for frame in &frames {
+                            self.receive(conn.0, frame)?;
+                        }
+                    }
+                }
                 Action::Registered { conn, ok } => {
                     let c = &mut self.conns[conn.0];
                     if c.state == State::Closed {
@@ -482,16 +495,22 @@ impl Sim {
     }
 
     /// Takes one step of whatever is in flight, picked at random: the oldest message of a
-    /// path between cores (or from a bridge to a core), of a bridge's inbox, or of a link
-    /// between nodes.
+    /// path between cores (or from a bridge to a core), of a bridge's inbox, of a link
+    /// between nodes, or a core's gathered room messages handed to their members.
     fn deliver_one(&mut self) -> Result<bool, String> {
         enum Ev {
             Path(usize, usize, usize),
             Bridge(usize),
             Link((usize, usize, String)),
+            Flush(usize, usize),
         }
         let mut events = Vec::new();
         for (n, node) in self.nodes.iter().enumerate() {
+            for (c, core) in node.cores.iter().enumerate() {
+                if core.has_fanout() {
+                    events.push(Ev::Flush(n, c));
+                }
+            }
             for (k, q) in &node.queues {
                 if !q.is_empty() {
                     events.push(Ev::Path(n, k.0, k.1));
@@ -529,6 +548,11 @@ impl Sim {
             }
             Ev::Bridge(node) => self.bridge_step(node),
             Ev::Link(key) => self.link_step(key),
+            Ev::Flush(node, core) => {
+                self.log(format!("flush n{node} core {core}"));
+                self.nodes[node].cores[core].flush_fanout();
+                self.run(node, core)?;
+            }
         }
         Ok(true)
     }
