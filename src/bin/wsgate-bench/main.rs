@@ -113,6 +113,13 @@ struct Args {
     /// Room members for `room` (connections beyond the publisher).
     #[arg(long, default_value = "bench-room")]
     room: String,
+    /// Set up the generator's io_uring rings with `IORING_SETUP_COOP_TASKRUN` (as the
+    /// gateway does): a completion for a busy generator thread then waits for its next
+    /// kernel entry instead of interrupting it from the server's CPU. Without it, every
+    /// server's sends pay for inter-processor interrupts to the generator's CPU, in amounts
+    /// that depend on the pair's timing (BENCHMARKS.md, Experiments).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    coop_taskrun: bool,
     /// soak: share of the connections that churn (closed and replaced continuously).
     #[arg(long, default_value_t = 0.1)]
     churn: f64,
@@ -406,8 +413,13 @@ fn run_process(args: &Args, controller: bool) -> Result<(ProcResult, Option<serd
             std::thread::Builder::new()
                 .name(format!("bench-{t}"))
                 .spawn(move || -> Result<ThreadHists> {
+                    let mut uring = io_uring::IoUring::builder();
+                    if args.coop_taskrun {
+                        uring.setup_coop_taskrun();
+                    }
                     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
                         .with_entries(4096)
+                        .uring_builder(uring)
                         .enable_timer()
                         .build()?;
                     Ok(rt.block_on(thread_main(args, idx, counters, total_threads)))
