@@ -288,6 +288,27 @@ fn presence(g: &Gateway, user: &str) -> u64 {
         .unwrap()
 }
 
+/// Sends `marker` from `from`'s API to `user` until one is delivered (within `within`), then
+/// reads `client` (a connection of `user`) up to it: what was in flight during a fault may or
+/// may not arrive (at most once). Returns how long delivery took to come back.
+fn delivery_resumes(
+    what: &str,
+    from: &Gateway,
+    user: &str,
+    client: &mut Client,
+    marker: &str,
+    within: Duration,
+) -> Duration {
+    let start = Instant::now();
+    wait_for(what, within, &mut || {
+        api_send(from, user, json!(marker)) == 1
+    });
+    let took = start.elapsed();
+    eprintln!("{what}: {took:?}");
+    while recv_msg(client)["data"] != marker {}
+    took
+}
+
 fn recv_msg(c: &mut Client) -> Value {
     c.recv_message(T)
         .unwrap_or_else(|e| panic!("no message: {e}"))
@@ -827,22 +848,14 @@ fn a_frozen_broker_is_noticed_and_local_service_goes_on(kind: Kind) {
     assert_eq!(recv_msg(&mut near)["data"], "from busy");
 
     broker.signal(libc::SIGCONT);
-    let back = Instant::now();
-    wait_for(
+    delivery_resumes(
         "cross-node delivery after the broker thawed",
+        &n[0],
+        "far",
+        &mut far,
+        "after",
         Duration::from_secs(8),
-        &mut || api_send(&n[0], "far", json!("after")) == 1,
     );
-    eprintln!(
-        "cross-node delivery back {:?} after the thaw",
-        back.elapsed()
-    );
-    loop {
-        // What was in flight across the freeze may or may not arrive (at most once).
-        if recv_msg(&mut far)["data"] == "after" {
-            break;
-        }
-    }
     wait_cluster(&n, 3);
     for g in &n {
         g.wait_for("readyz 200", Duration::from_secs(5), || {
@@ -875,22 +888,14 @@ fn nats_cluster_failover() {
     assert_eq!(recv_msg(&mut ub)["data"], "first");
 
     servers[0].kill();
-    let killed = Instant::now();
-    wait_for(
-        "delivery after failover",
+    delivery_resumes(
+        "cross-node delivery after the failover",
+        &n[0],
+        "ub",
+        &mut ub,
+        "again",
         Duration::from_secs(5),
-        &mut || api_send(&n[0], "ub", json!("again")) == 1,
     );
-    eprintln!(
-        "failover: cross-node delivery again {:?} after the server died",
-        killed.elapsed()
-    );
-    // Anything sent during the failover may be lost (at most once); the last one arrives.
-    loop {
-        if recv_msg(&mut ub)["data"] == "again" {
-            break;
-        }
-    }
     wait_cluster(&n, 2);
     assert!(n[0].metric("wsgate_cluster_reconnects_total", "") >= 1.0);
 }
