@@ -238,6 +238,11 @@ pub(crate) fn metrics(core: &Core) -> String {
         |s| s.http_connections,
     );
     gauge(
+        "wsgate_ring_recvs_armed",
+        "Multishot receives armed on the core's io_uring data path (one per plain WebSocket).",
+        |s| s.ring_recvs_armed,
+    );
+    gauge(
         "wsgate_queued_bytes",
         "Outbound bytes queued on the core's connections, not yet written.",
         |s| s.queued_bytes,
@@ -348,6 +353,26 @@ pub(crate) fn metrics(core: &Core) -> String {
         "wsgate_accept_errors_total",
         "Failed accepts (out of file descriptors, or other errors).",
         |s| s.accept_errors,
+    );
+    counter(
+        "wsgate_ring_recvs_total",
+        "Buffers received on the io_uring data path (one per completion of a multishot recv).",
+        |s| s.ring_recvs,
+    );
+    counter(
+        "wsgate_ring_starved_total",
+        "Receives on the io_uring data path that found the core's buffer ring empty.",
+        |s| s.ring_starved,
+    );
+    counter(
+        "wsgate_ring_sends_total",
+        "Sends completed on the io_uring data path (each carries every frame queued, up to 64).",
+        |s| s.ring_sends,
+    );
+    counter(
+        "wsgate_ring_left_total",
+        "Connections that left the io_uring data path for readiness reads after a read of 8 KiB or more.",
+        |s| s.ring_left,
     );
     let labelled =
         |name: &str,

@@ -62,6 +62,17 @@ pub struct Config {
     )]
     pub no_pin: bool,
 
+    /// Read WebSocket connections through readiness waits and one `recv` each, not the
+    /// io_uring data path (multishot receives into a per-core buffer ring). The data path is
+    /// used only where the workers run on io_uring; this is for comparison and fallback.
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "WSGATE_NO_RING",
+        default_value_t = false
+    )]
+    pub no_ring: bool,
+
     /// How often the server pings each connection (`500ms`, `2s`, `1m`).
     #[arg(help_heading = "Liveness", long, env = "WSGATE_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
     pub ping_interval: Duration,

@@ -564,8 +564,12 @@ async fn upgrade(
     // upgrade's state, ends here so an idle connection does not keep them.
     // Plain or TLS, each a copy of the task made for it: the plain one is what it was
     // before TLS existed (its transport is a zero-sized type).
+    let ring = core.ring.borrow().clone();
     match tls {
-        None => monoio::spawn(run_connection(core, stream, conn, session, Plain)),
+        None => match ring {
+            Some(ring) => monoio::spawn(run_connection(core, stream, conn, session, Ringed(ring))),
+            None => monoio::spawn(run_connection(core, stream, conn, session, Plain)),
+        },
         Some(t) => monoio::spawn(run_connection(core, stream, conn, session, t)),
     };
 }
@@ -955,14 +959,36 @@ impl Session {
 /// so the plain connection's task is compiled for [`Plain`], a zero-sized type whose methods
 /// are the plain reads and writes: no branch, no field, no allocation added for TLS.
 trait Transport: 'static {
-    /// One read (at least one `recv`), fed to the session. False at the end of the stream.
-    fn read(&mut self, session: &mut Session, core: &Core, conn: &ConnShared, fd: RawFd) -> bool;
+    /// Whether the connection's bytes go through the core's io_uring data path (src/ring.rs)
+    /// now, rather than readiness waits, `recv` and `sendmsg`.
+    #[inline(always)]
+    fn on_ring(&self, _conn: &ConnShared) -> bool {
+        false
+    }
+    /// On the ring: whether a read has something to do (buffers received, the end of the
+    /// stream, or a recv to arm).
+    fn ready(&self, _conn: &ConnShared) -> bool {
+        false
+    }
+    /// One read (at least one `recv`, or the buffers the ring received), fed to the session.
+    /// False at the end of the stream.
+    fn read(
+        &mut self,
+        session: &mut Session,
+        core: &Core,
+        conn: &Rc<ConnShared>,
+        fd: RawFd,
+    ) -> bool;
     /// One write of the queue's front; the plaintext bytes taken from the queue.
     fn write(&mut self, conn: &ConnShared, fd: RawFd, head: &mut usize) -> io::Result<usize>;
+    /// On the ring: starts a send of the queue's front.
+    fn send(&mut self, _conn: &Rc<ConnShared>, _fd: RawFd, _head: usize) {}
+    /// On the ring: cancels the send in flight.
+    fn cancel_send(&mut self, _conn: &ConnShared) {}
     /// Bytes held outside the queue that still have to be sent (TLS records).
     fn pending(&self) -> bool;
     /// The end of the connection, just before the socket is shut.
-    fn end(&mut self, fd: RawFd);
+    fn end(&mut self, conn: &ConnShared, fd: RawFd);
 }
 
 /// A plain TCP connection.
@@ -970,7 +996,13 @@ struct Plain;
 
 impl Transport for Plain {
     #[inline(always)]
-    fn read(&mut self, session: &mut Session, core: &Core, conn: &ConnShared, fd: RawFd) -> bool {
+    fn read(
+        &mut self,
+        session: &mut Session,
+        core: &Core,
+        conn: &Rc<ConnShared>,
+        fd: RawFd,
+    ) -> bool {
         session.read(core, conn, fd)
     }
 
@@ -985,12 +1017,18 @@ impl Transport for Plain {
     }
 
     #[inline(always)]
-    fn end(&mut self, _fd: RawFd) {}
+    fn end(&mut self, _conn: &ConnShared, _fd: RawFd) {}
 }
 
 /// A TLS connection: its rustls session, driven over the same readiness waits.
 impl Transport for Box<rustls::ServerConnection> {
-    fn read(&mut self, session: &mut Session, core: &Core, conn: &ConnShared, fd: RawFd) -> bool {
+    fn read(
+        &mut self,
+        session: &mut Session,
+        core: &Core,
+        conn: &Rc<ConnShared>,
+        fd: RawFd,
+    ) -> bool {
         session.read_tls(core, conn, self, fd)
     }
 
@@ -1002,10 +1040,116 @@ impl Transport for Box<rustls::ServerConnection> {
         self.wants_write()
     }
 
-    fn end(&mut self, fd: RawFd) {
+    fn end(&mut self, _conn: &ConnShared, fd: RawFd) {
         // close_notify, if the socket takes it at once (the WebSocket close came first).
         self.send_close_notify();
         let _ = crate::tls::flush(self, fd);
+    }
+}
+
+/// A plain connection on the core's io_uring data path: its bytes arrive in the ring's
+/// buffers (a multishot recv), are decoded from there and the buffers given back; its queue
+/// leaves in sends on the ring, one in flight at a time.
+struct Ringed(Rc<crate::ring::Ring>);
+
+/// A read this large sends the connection off the ring (see [`Ringed`]).
+const LEAVE_RING_AT: usize = 8 * 1024;
+
+impl Transport for Ringed {
+    /// A connection that receives large messages (a read of [`LEAVE_RING_AT`] or more) leaves
+    /// the ring for good: the ring's buffers rotate through memory that is cold by the time
+    /// it is reused, while the readiness path reads into the core's one hot scratch buffer
+    /// (measured in BENCHMARKS.md: 1.25x the CPU per 16 KiB message on the ring). It stops
+    /// arming its recv, cancels the armed one, decodes what the ring already holds and lets
+    /// its send in flight complete; then, and only then, it reads and writes like [`Plain`],
+    /// so its bytes stay in order.
+    #[inline(always)]
+    fn on_ring(&self, conn: &ConnShared) -> bool {
+        use crate::ring::{ARMED, LEAVING, OFF, SENT};
+        if conn.ring_has(OFF) {
+            return false;
+        }
+        if conn.ring_has(LEAVING)
+            && !conn.ring_has(ARMED | SENT)
+            && conn.sending.get() == 0
+            && conn.rx.borrow().is_empty()
+        {
+            conn.ring_set(OFF);
+            return false;
+        }
+        true
+    }
+
+    #[inline(always)]
+    fn ready(&self, conn: &ConnShared) -> bool {
+        use crate::ring::{ARMED, EOF, LEAVING, STARVED};
+        !conn.rx.borrow().is_empty()
+            || conn.ring_has(EOF)
+            || !conn.ring_has(ARMED | STARVED | LEAVING)
+    }
+
+    fn read(
+        &mut self,
+        session: &mut Session,
+        core: &Core,
+        conn: &Rc<ConnShared>,
+        fd: RawFd,
+    ) -> bool {
+        use crate::ring::{ARMED, CANCELLING, EOF, LEAVING, OFF, STARVED};
+        if conn.ring_has(OFF) {
+            return session.read(core, conn, fd);
+        }
+        let mut bytes = 0;
+        let mut largest = 0;
+        let open = self.0.drain(conn, |data| {
+            bytes += data.len();
+            largest = largest.max(data.len());
+            session.feed(core, conn, data);
+        });
+        if bytes > 0 {
+            conn.touch();
+            stats::add(&core.stats().bytes_in, bytes as u64);
+        }
+        if largest >= LEAVE_RING_AT && !conn.ring_has(LEAVING) {
+            conn.ring_set(LEAVING);
+            stats::inc(&core.stats().ring_left);
+        }
+        if conn.ring_has(LEAVING) {
+            if conn.ring_has(ARMED) && !conn.ring_has(CANCELLING) {
+                self.0.cancel(conn);
+            }
+        } else if open && !conn.ring_has(ARMED | STARVED | EOF) {
+            self.0.arm(conn, fd);
+        }
+        open
+    }
+
+    #[inline(always)]
+    fn write(&mut self, conn: &ConnShared, fd: RawFd, head: &mut usize) -> io::Result<usize> {
+        conn.write_to(fd, head)
+    }
+
+    #[inline(always)]
+    fn send(&mut self, conn: &Rc<ConnShared>, fd: RawFd, head: usize) {
+        self.0.send(conn, fd, head);
+    }
+
+    fn cancel_send(&mut self, conn: &ConnShared) {
+        self.0.cancel_send(conn);
+    }
+
+    #[inline(always)]
+    fn pending(&self) -> bool {
+        false
+    }
+
+    fn end(&mut self, conn: &ConnShared, _fd: RawFd) {
+        // Entries naming this socket leave before it closes: the kernel resolves a
+        // descriptor when an entry is submitted, and a closed number may be reused at once.
+        self.0.flush();
+        // The connection is marked done: the buffers it held go back now, later completions
+        // give theirs straight back, and the shutdown that follows ends the recv.
+        self.0.discard(conn);
     }
 }
 
@@ -1030,6 +1174,22 @@ struct Closing {
     started: Instant,
     /// The latest the close may end, however slowly the peer keeps draining.
     cap: Instant,
+}
+
+/// Accounts `n` bytes written to the socket. A peer still taking bytes is slow, not dead: a
+/// close frame queued behind them gets more time, up to the cap, and never less than it had
+/// (shutdown's budget is longer than CLOSE_WAIT).
+fn written(core: &Core, conn: &ConnShared, closing: Option<&Closing>, n: usize) {
+    stats::add(&core.stats().bytes_out, n as u64);
+    core.queued_sub(n);
+    if let Some(c) = closing {
+        if c.started.elapsed() > CLOSE_WAIT / 4 {
+            let later = Millis::from((Instant::now() + CLOSE_WAIT).min(c.cap));
+            if later > conn.close_deadline.get() {
+                conn.close_deadline.set(later);
+            }
+        }
+    }
 }
 
 /// The connection after the upgrade answer: reads and interprets the peer's frames, and, as
@@ -1072,8 +1232,31 @@ fn run_connection<T: Transport>(
                 break 'run;
             }
 
-            // A close request becomes a close frame at the end of the queue.
-            if closing.is_none() {
+            // On the io_uring data path: what the send that completed wrote leaves the queue.
+            if conn.ring_has(crate::ring::SENT) {
+                conn.ring_clear(crate::ring::SENT);
+                match usize::try_from(conn.sent.get()) {
+                    Ok(n) => {
+                        conn.sent_bytes(&mut head, n);
+                        written(&core, &conn, closing.as_deref(), n);
+                    }
+                    Err(_) if conn.sent.get() == -libc::ECANCELED => {}
+                    Err(_) => break 'run,
+                }
+            }
+
+            // A close request becomes a close frame at the end of the queue. One that discards
+            // the queue first cancels the send in flight (io_uring data path) and waits for it:
+            // what the send carries is discarded with the rest, unless it got out meanwhile.
+            let wait_for_send = conn.sending.get() > 0
+                && conn
+                    .close
+                    .get()
+                    .is_some_and(|r| r.kind == CloseKind::Initiate { flush: false });
+            if wait_for_send && closing.is_none() {
+                io.cancel_send(&conn);
+            }
+            if closing.is_none() && !wait_for_send {
                 if let Some(req) = conn.close.get() {
                     match req.kind {
                         CloseKind::Abort => break 'run,
@@ -1105,26 +1288,16 @@ fn run_connection<T: Transport>(
                 }
             }
 
-            // Write while the socket takes it.
-            if writable.is_none() {
+            // Write while the socket takes it (on the io_uring data path: collect the send
+            // that completed, and start the next with everything queued meanwhile).
+            if io.on_ring(&conn) {
+                if conn.sending.get() == 0 && !conn.queue.borrow().is_empty() {
+                    io.send(&conn, fd, head);
+                }
+            } else if writable.is_none() {
                 while !conn.queue.borrow().is_empty() || io.pending() {
                     match io.write(&conn, fd, &mut head) {
-                        Ok(n) => {
-                            stats::add(&core.stats().bytes_out, n as u64);
-                            core.queued_sub(n);
-                            // A peer still taking bytes is slow, not dead: the close frame queued
-                            // behind them gets more time, up to the cap. Never less than it
-                            // had (shutdown's budget is longer than CLOSE_WAIT).
-                            if let Some(c) = &closing {
-                                if c.started.elapsed() > CLOSE_WAIT / 4 {
-                                    let later =
-                                        Millis::from((Instant::now() + CLOSE_WAIT).min(c.cap));
-                                    if later > conn.close_deadline.get() {
-                                        conn.close_deadline.set(later);
-                                    }
-                                }
-                            }
-                        }
+                        Ok(n) => written(&core, &conn, closing.as_deref(), n),
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             let s = stream.clone();
@@ -1164,7 +1337,13 @@ fn run_connection<T: Transport>(
                         conn.set(PAUSED);
                         false
                     });
-                if may_read {
+                if may_read && io.on_ring(&conn) {
+                    if io.ready(&conn) {
+                        burst += 1;
+                        return Poll::Ready(Event::Readable(Ok(())));
+                    }
+                    burst = 0;
+                } else if may_read {
                     match readable.as_mut().poll(cx) {
                         Poll::Ready(r) => {
                             burst += 1;
@@ -1192,7 +1371,9 @@ fn run_connection<T: Transport>(
                 Event::Work | Event::Writable(Ok(())) => {}
                 Event::Writable(Err(_)) => break 'run,
                 Event::Readable(r) => {
-                    readable.set(stream.readable(false));
+                    if !io.on_ring(&conn) {
+                        readable.set(stream.readable(false));
+                    }
                     if r.is_err() || !io.read(&mut session, &core, &conn, fd) {
                         // The peer is gone (or sent its close frame and then the end of the
                         // stream): nothing more to write.
@@ -1210,7 +1391,7 @@ fn run_connection<T: Transport>(
         let code = closing.map(|c| c.req.code.unwrap_or(1005));
         core.stats().count_close(code);
         core.queued_sub(conn.finish());
-        io.end(fd);
+        io.end(&conn, fd);
         shutdown(fd);
         core.remove_conn(session.key);
     }

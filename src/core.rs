@@ -161,6 +161,8 @@ pub(crate) struct Core {
     flush_waker: Cell<Option<Waker>>,
     /// Per-core read buffer: connections read into it and keep only unfinished frames.
     pub scratch: RefCell<Vec<u8>>,
+    /// The io_uring data path of this core (src/ring.rs), when the worker runs on io_uring.
+    pub ring: RefCell<Option<Rc<crate::ring::Ring>>>,
     pub shutting_down: Cell<bool>,
     /// Woken when shutdown starts and whenever a connection is removed during shutdown.
     drain_waker: Cell<Option<Waker>>,
@@ -203,6 +205,7 @@ impl Core {
             flush_pending: Cell::new(false),
             flush_waker: Cell::new(None),
             scratch: RefCell::new(vec![0; SCRATCH]),
+            ring: RefCell::new(None),
             shutting_down: Cell::new(false),
             drain_waker: Cell::new(None),
             accept_canceller: RefCell::new(None),

@@ -43,6 +43,7 @@ pub mod key;
 pub mod mailbox;
 mod outbox;
 pub mod protocol;
+mod ring;
 pub mod route;
 pub mod server;
 pub mod stats;

@@ -131,6 +131,17 @@ pub(crate) struct ConnShared {
     pub(crate) close_deadline: Cell<Millis>,
     /// When the connection's token expires (closed with 1008 then).
     pub(crate) expires_at: Cell<Millis>,
+    /// On the io_uring data path (src/ring.rs): buffers received and not yet decoded, in
+    /// order (buffer id and length, packed).
+    pub(crate) rx: RefCell<Vec<u32>>,
+    /// On the io_uring data path: the state of the connection's recv (`ring::ARMED`, ...).
+    pub(crate) ring: Cell<u8>,
+    /// On the io_uring data path: queued frames a send in flight carries (0: none in flight).
+    pub(crate) sending: Cell<u8>,
+    /// On the io_uring data path: the result of the last send, once `ring::SENT`.
+    pub(crate) sent: Cell<i32>,
+    /// On the io_uring data path: the user data of the send in flight (to cancel it).
+    pub(crate) send_ud: Cell<u64>,
 }
 
 impl ConnShared {
@@ -145,7 +156,24 @@ impl ConnShared {
             next_ping: Cell::new(Millis::NEVER),
             close_deadline: Cell::new(Millis::NEVER),
             expires_at: Cell::new(Millis::NEVER),
+            rx: RefCell::new(Vec::new()),
+            ring: Cell::new(0),
+            sending: Cell::new(0),
+            sent: Cell::new(0),
+            send_ud: Cell::new(0),
         }
+    }
+
+    pub(crate) fn ring_has(&self, f: u8) -> bool {
+        self.ring.get() & f != 0
+    }
+
+    pub(crate) fn ring_set(&self, f: u8) {
+        self.ring.set(self.ring.get() | f);
+    }
+
+    pub(crate) fn ring_clear(&self, f: u8) {
+        self.ring.set(self.ring.get() & !f);
     }
 
     /// One liveness check, run by the core's sweeper for every upgraded connection:
@@ -273,11 +301,13 @@ impl ConnShared {
         self.last_seen.set(Millis::now());
     }
 
-    /// Drops queued frames the writer has not started (keeps a half-written front frame).
-    /// Returns the bytes dropped.
+    /// Drops queued frames the writer has not started (keeps a half-written front frame, and
+    /// the frames a send in flight carries). Returns the bytes dropped.
     pub(crate) fn discard_unstarted(&self, head_written: usize) -> usize {
         let mut q = self.queue.borrow_mut();
-        let keep = usize::from(head_written > 0).min(q.len());
+        let keep = usize::from(head_written > 0)
+            .max(usize::from(self.sending.get()))
+            .min(q.len());
         q.truncate(keep);
         let before = self.queued_bytes.get();
         let after: usize = q
@@ -330,6 +360,11 @@ impl ConnShared {
         let written = written as usize;
         self.consume(&mut q, head, written);
         Ok(written)
+    }
+
+    /// Pops what a completed send on the io_uring data path wrote.
+    pub(crate) fn sent_bytes(&self, head: &mut usize, written: usize) {
+        self.consume(&mut self.queue.borrow_mut(), head, written);
     }
 
     /// Pops what was written (`written` bytes from the front, `head` of which earlier).

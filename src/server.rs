@@ -311,31 +311,39 @@ fn run_worker(
     ready: Ready,
     started: &Arc<AtomicBool>,
 ) {
-    let run = run_core(
-        id,
-        shared.clone(),
-        listener,
-        mailbox,
-        ready.clone(),
-        started.clone(),
-    );
+    // The io_uring data path (src/ring.rs) runs where monoio itself runs on io_uring; under
+    // the epoll driver connections keep the readiness path.
+    let run = |uring: bool| {
+        run_core(
+            id,
+            shared.clone(),
+            listener,
+            mailbox,
+            ready.clone(),
+            started.clone(),
+            uring && !shared.config.no_ring,
+        )
+    };
     let built = match shared.config.driver {
         DriverKind::Auto => monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
             .with_entries(URING_ENTRIES)
             .uring_builder(uring_setup())
             .enable_timer()
             .build()
-            .map(|mut rt| rt.block_on(run)),
+            .map(|mut rt| {
+                let uring = matches!(rt, monoio::FusionRuntime::Uring(_));
+                rt.block_on(run(uring))
+            }),
         DriverKind::IoUring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .with_entries(URING_ENTRIES)
             .uring_builder(uring_setup())
             .enable_timer()
             .build()
-            .map(|mut rt| rt.block_on(run)),
+            .map(|mut rt| rt.block_on(run(true))),
         DriverKind::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
             .build()
-            .map(|mut rt| rt.block_on(run)),
+            .map(|mut rt| rt.block_on(run(false))),
     };
     if let Err(e) = built {
         let _ = ready.send(Err((id, e)));
@@ -349,8 +357,22 @@ async fn run_core(
     mailbox: Mailbox<Msg>,
     ready: Ready,
     started: Arc<AtomicBool>,
+    uring: bool,
 ) {
     let core = Core::new(id, shared);
+    if uring {
+        match crate::ring::Ring::new(core.shared.stats[id].clone()) {
+            Ok(ring) => {
+                monoio::spawn(ring.clone().run());
+                *core.ring.borrow_mut() = Some(ring);
+            }
+            Err(e) => tracing::warn!(
+                core = id,
+                error = %e,
+                "the io_uring data path is unavailable: connections use readiness waits"
+            ),
+        }
+    }
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {

@@ -71,6 +71,16 @@ pub struct CoreStats {
     pub backpressure_pauses: AtomicU64,
     /// Failed `accept` calls (out of file descriptors, or other errors).
     pub accept_errors: AtomicU64,
+    /// Multishot receives armed on the core's io_uring data path (gauge).
+    pub ring_recvs_armed: AtomicI64,
+    /// Buffers received on the io_uring data path.
+    pub ring_recvs: AtomicU64,
+    /// Receives on the io_uring data path that found no free buffer.
+    pub ring_starved: AtomicU64,
+    /// Sends completed on the io_uring data path.
+    pub ring_sends: AtomicU64,
+    /// Connections that left the io_uring data path for readiness reads (large messages).
+    pub ring_left: AtomicU64,
 }
 
 /// Close codes counted one by one (others are counted as `other`).
@@ -144,6 +154,16 @@ pub struct Snapshot {
     pub queued_bytes_peak: i64,
     pub backpressure_pauses: u64,
     pub accept_errors: u64,
+    /// Multishot receives armed on the io_uring data path (one per plain WebSocket).
+    pub ring_recvs_armed: i64,
+    /// Buffers received on the io_uring data path.
+    pub ring_recvs: u64,
+    /// Receives on the io_uring data path that found no free buffer.
+    pub ring_starved: u64,
+    /// Sends completed on the io_uring data path.
+    pub ring_sends: u64,
+    /// Connections that left the io_uring data path for readiness reads (large messages).
+    pub ring_left: u64,
     /// Messages queued to this core by other cores and not yet handled (filled in from the
     /// mailbox by whoever takes the snapshot).
     pub mailbox_depth: i64,
@@ -182,6 +202,11 @@ impl CoreStats {
             queued_bytes_peak: self.queued_bytes_peak.load(Relaxed),
             backpressure_pauses: self.backpressure_pauses.load(Relaxed),
             accept_errors: self.accept_errors.load(Relaxed),
+            ring_recvs_armed: self.ring_recvs_armed.load(Relaxed),
+            ring_recvs: self.ring_recvs.load(Relaxed),
+            ring_starved: self.ring_starved.load(Relaxed),
+            ring_sends: self.ring_sends.load(Relaxed),
+            ring_left: self.ring_left.load(Relaxed),
             mailbox_depth: 0,
             mailbox_peak: 0,
         }
@@ -223,6 +248,11 @@ impl Snapshot {
             t.queued_bytes += s.queued_bytes;
             t.backpressure_pauses += s.backpressure_pauses;
             t.accept_errors += s.accept_errors;
+            t.ring_recvs_armed += s.ring_recvs_armed;
+            t.ring_recvs += s.ring_recvs;
+            t.ring_starved += s.ring_starved;
+            t.ring_sends += s.ring_sends;
+            t.ring_left += s.ring_left;
             t.mailbox_depth += s.mailbox_depth;
             t.mailbox_peak = t.mailbox_peak.max(s.mailbox_peak);
             t.queued_bytes_peak = t.queued_bytes_peak.max(s.queued_bytes_peak);

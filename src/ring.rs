@@ -1,0 +1,718 @@
+//! The data path on io_uring beyond readiness: one ring per core of our own, beside monoio's,
+//! that receives every plain WebSocket connection's bytes.
+//!
+//! * **Reads without a poll or a `recv` each.** Every upgraded plain connection has one
+//!   multishot `recv` armed on the ring, with buffer selection from a provided-buffer ring
+//!   ([`BUF_COUNT`] × [`BUF_SIZE`] per core). The kernel takes a buffer only when bytes arrive:
+//!   an idle connection holds no buffer and no pending operation of ours in user memory, and
+//!   a busy one costs no system call per read. The buffers are mapped once per core and
+//!   become resident only as they are first used.
+//! * **One dispatcher task per core** ([`Ring::run`]) submits what the connections' tasks
+//!   queued (one `io_uring_enter` for all of them), reaps the completions, hands each
+//!   connection the buffers it received (its `rx` list) and wakes its task, which decodes the
+//!   bytes straight from the buffer and gives it back. The dispatcher sleeps on readiness of
+//!   the ring's own descriptor, polled through monoio's ring.
+//! * **Bounds.** A connection may hold [`RX_CAP`] buffers not yet decoded (it is paused under
+//!   backpressure, or slow); at that many its `recv` is cancelled, and its task re-arms it once
+//!   it has caught up. When the buffer ring runs dry (`ENOBUFS`, which ends a multishot recv),
+//!   the connection waits on the core's starved list until buffers come back.
+//! * **Lifetimes.** An armed recv owns one strong reference to its connection's shared state
+//!   ([`ConnShared`]), taken when it is armed and dropped with its last completion: a
+//!   completion never finds freed memory, whatever the timing. Closing a connection shuts
+//!   its socket, which ends the recv (a completion without `IORING_CQE_F_MORE`).
+//!
+//! TLS connections, plain HTTP and the upgrade itself keep monoio's readiness path, and so
+//! does everything under the epoll driver.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::task::{Poll, Waker};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::outbox::ConnShared;
+use crate::stats;
+
+/// Submission queue entries of the ring.
+const SQ_ENTRIES: u32 = 1024;
+/// Completion queue entries: multishot receives complete many times per submission.
+const CQ_ENTRIES: u32 = 16384;
+/// Buffers in the provided-buffer ring (a power of two).
+pub(crate) const BUF_COUNT: u16 = 256;
+/// Size of one provided buffer: a 16 KiB message and its header fit in one.
+pub(crate) const BUF_SIZE: usize = 32 * 1024;
+/// The buffer group of the ring.
+const BGID: u16 = 0;
+/// Bytes one read decodes at most (the readiness path's scratch buffer is as large).
+const READ_BUDGET: usize = 64 * 1024;
+/// Received buffers a connection may hold before its recv is stopped.
+pub(crate) const RX_CAP: usize = 8;
+/// Turns the dispatcher takes in a row on the connections' wake-ups before it lets monoio
+/// reap its own completions (accepts, timers, upgrades).
+const EAGER_TURNS: u32 = 8;
+
+/// What a completion belongs to, in the low bits of its user data (the rest is the address
+/// of the connection's shared state, which is at least 8-byte aligned).
+const TAG_RECV: u64 = 1;
+const TAG_CANCEL: u64 = 2;
+const TAG_SEND: u64 = 3;
+const TAG_MASK: u64 = 7;
+
+// Per-connection ring state, in `ConnShared::ring`.
+/// A multishot recv is armed (until its last completion).
+pub(crate) const ARMED: u8 = 1;
+/// Its cancellation was asked for.
+pub(crate) const CANCELLING: u8 = 2;
+/// The peer's end of the stream (or a socket error) arrived after the buffers in `rx`.
+pub(crate) const EOF: u8 = 4;
+/// The recv ended for want of buffers: waiting on the starved list.
+pub(crate) const STARVED: u8 = 8;
+/// A send completed; its result is in `ConnShared::sent`.
+pub(crate) const SENT: u8 = 16;
+/// The send in flight is being cancelled.
+const SEND_CANCELLING: u8 = 32;
+/// The connection is leaving the ring for readiness reads (large messages; see conn.rs).
+pub(crate) const LEAVING: u8 = 64;
+/// The connection has left the ring.
+pub(crate) const OFF: u8 = 128;
+
+/// Frames one send carries at most.
+const MAX_IOV: usize = 64;
+/// Spare send states a core keeps for reuse.
+const SEND_POOL: usize = 256;
+
+/// One send in flight: the message header and vectors the kernel reads, and a reference to
+/// every frame they point into, so the bytes stay put whatever happens to the connection's
+/// queue (or the connection) before the send completes.
+struct SendState {
+    msg: libc::msghdr,
+    iov: [libc::iovec; MAX_IOV],
+    frames: Vec<bytes::Bytes>,
+    conn: Option<Rc<ConnShared>>,
+}
+
+/// The provided-buffer ring: [`BUF_COUNT`] entries the kernel takes buffers from, and the
+/// buffers themselves, each mapped once.
+struct BufRing {
+    /// `BUF_COUNT` `io_uring_buf` entries of 16 bytes; entry 0's last 2 bytes are the tail.
+    entries: *mut u8,
+    bufs: *mut u8,
+    /// Buffers in the ring (a power of two).
+    count: u16,
+    tail: Cell<u16>,
+    free: Cell<u16>,
+}
+
+impl BufRing {
+    fn new(count: u16) -> io::Result<BufRing> {
+        debug_assert!(count.is_power_of_two());
+        let entries = map(count as usize * 16)?;
+        let bufs = match map(count as usize * BUF_SIZE) {
+            Ok(b) => b,
+            Err(e) => {
+                // SAFETY: unmapping the region just mapped, unused.
+                unsafe { libc::munmap(entries.cast(), count as usize * 16) };
+                return Err(e);
+            }
+        };
+        Ok(BufRing {
+            entries,
+            bufs,
+            count,
+            tail: Cell::new(0),
+            free: Cell::new(0),
+        })
+    }
+
+    /// Gives buffer `bid` (back) to the kernel.
+    fn put(&self, bid: u16) {
+        debug_assert!(bid < self.count);
+        let tail = self.tail.get();
+        let idx = (tail & (self.count - 1)) as usize;
+        // SAFETY: idx < count, so the entry is inside the mapping; only its addr, len and
+        // bid fields are written (entry 0's last field is the ring's tail, written below).
+        unsafe {
+            let e = self.entries.add(idx * 16);
+            e.cast::<u64>()
+                .write(self.bufs.add(bid as usize * BUF_SIZE) as u64);
+            e.add(8).cast::<u32>().write(BUF_SIZE as u32);
+            e.add(12).cast::<u16>().write(bid);
+        }
+        let tail = tail.wrapping_add(1);
+        self.tail.set(tail);
+        // SAFETY: the tail is a 2-byte aligned u16 shared with the kernel, which reads it
+        // with acquire semantics; the release store publishes the entry written above.
+        unsafe { (*self.entries.add(14).cast::<AtomicU16>()).store(tail, Ordering::Release) };
+        self.free.set(self.free.get() + 1);
+    }
+
+    /// The bytes the kernel put in buffer `bid`.
+    ///
+    /// # Safety
+    /// The buffer must be held by the caller (received, not yet given back), and `len` at
+    /// most [`BUF_SIZE`]; no other reference to it may live.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, bid: u16, len: usize) -> &mut [u8] {
+        std::slice::from_raw_parts_mut(self.bufs.add(bid as usize * BUF_SIZE), len)
+    }
+}
+
+/// An anonymous private mapping of `len` bytes (resident only once touched).
+fn map(len: usize) -> io::Result<*mut u8> {
+    // SAFETY: a fresh anonymous mapping, no file involved.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(p.cast())
+    }
+}
+
+/// One core's ring.
+pub(crate) struct Ring {
+    uring: RefCell<IoUring>,
+    bufs: BufRing,
+    /// Entries pushed since the last submit.
+    unsubmitted: Cell<bool>,
+    /// The dispatcher, parked.
+    waker: Cell<Option<Waker>>,
+    /// Connections whose recv ended with `ENOBUFS`.
+    starved: RefCell<Vec<Rc<ConnShared>>>,
+    /// Send states not in flight, for reuse. Boxed: the kernel holds their address while a
+    /// send is in flight (the header points into the vectors beside it).
+    #[allow(clippy::vec_box)]
+    pool: RefCell<Vec<Box<SendState>>>,
+    stats: std::sync::Arc<stats::CoreStats>,
+}
+
+impl Ring {
+    /// Sets up the ring and its buffers. Fails on kernels without multishot receives or
+    /// provided-buffer rings (before 6.0); the caller then keeps the readiness path.
+    pub(crate) fn new(stats: std::sync::Arc<stats::CoreStats>) -> io::Result<Rc<Ring>> {
+        let uring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_cqsize(CQ_ENTRIES)
+            .build(SQ_ENTRIES)?;
+        let bufs = BufRing::new(buffer_count())?;
+        // SAFETY: `entries` is a page-aligned mapping of `count` entries that lives as long
+        // as the ring (it is never unmapped, see Drop).
+        unsafe {
+            uring
+                .submitter()
+                .register_buf_ring(bufs.entries as u64, bufs.count, BGID)?;
+        }
+        for bid in 0..bufs.count {
+            bufs.put(bid);
+        }
+        let mut uring = uring;
+        self_test(&mut uring, &bufs)?;
+        Ok(Rc::new(Ring {
+            uring: RefCell::new(uring),
+            bufs,
+            unsubmitted: Cell::new(false),
+            waker: Cell::new(None),
+            starved: RefCell::new(Vec::new()),
+            pool: RefCell::new(Vec::new()),
+            stats,
+        }))
+    }
+
+    /// Queues one entry; the dispatcher submits it with the others of this turn.
+    fn push(&self, sqe: &squeue::Entry) {
+        let mut uring = self.uring.borrow_mut();
+        let mut tries = 0;
+        loop {
+            // SAFETY: the entries pushed here refer to no user memory but the buffer ring,
+            // which outlives the ring, and user data the completion handler interprets.
+            if unsafe { uring.submission().push(sqe) }.is_ok() {
+                break;
+            }
+            // The queue is full: submit what it holds now. The kernel takes every entry
+            // unless something is badly wrong; a worker whose data path is stuck is treated
+            // like a dead one (the process aborts and is restarted).
+            tries += 1;
+            if let Err(e) = uring.submit() {
+                tracing::error!(error = %e, "io_uring submit failed");
+                assert!(tries < 100, "the io_uring data path is stuck: {e}");
+            }
+        }
+        drop(uring);
+        if !self.unsubmitted.replace(true) {
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Submits what is queued now, not at the dispatcher's next turn.
+    pub(crate) fn flush(&self) {
+        if self.unsubmitted.replace(false) {
+            if let Err(e) = self.uring.borrow().submit() {
+                tracing::error!(error = %e, "io_uring submit failed");
+                self.unsubmitted.set(true);
+            }
+        }
+    }
+
+    /// Arms the connection's multishot recv; the recv holds a reference to `conn` until its
+    /// last completion.
+    pub(crate) fn arm(&self, conn: &Rc<ConnShared>, fd: RawFd) {
+        let ptr = Rc::into_raw(conn.clone()) as u64;
+        debug_assert_eq!(ptr & TAG_MASK, 0);
+        let sqe = opcode::RecvMulti::new(types::Fd(fd), BGID)
+            .build()
+            .user_data(ptr | TAG_RECV);
+        conn.ring_set(ARMED);
+        stats::add_gauge(&self.stats.ring_recvs_armed, 1);
+        self.push(&sqe);
+    }
+
+    /// Sends the front of the connection's queue (up to [`MAX_IOV`] frames, the first from
+    /// `head` on) with one `sendmsg` on the ring. One send per connection is in flight at a
+    /// time; its completion sets [`SENT`] and wakes the connection's task, which pops what
+    /// was written and sends what queued up meanwhile.
+    pub(crate) fn send(&self, conn: &Rc<ConnShared>, fd: RawFd, head: usize) {
+        let mut st = self.pool.borrow_mut().pop().unwrap_or_else(|| {
+            Box::new(SendState {
+                // SAFETY: an all-zero msghdr is valid (no name, no control data).
+                msg: unsafe { std::mem::zeroed() },
+                iov: [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; MAX_IOV],
+                frames: Vec::with_capacity(4),
+                conn: None,
+            })
+        });
+        let n = {
+            let q = conn.queue.borrow();
+            for (i, frame) in q.iter().take(MAX_IOV).enumerate() {
+                let part = if i == 0 { &frame[head..] } else { &frame[..] };
+                st.iov[i] = libc::iovec {
+                    iov_base: part.as_ptr() as *mut libc::c_void,
+                    iov_len: part.len(),
+                };
+                st.frames.push(frame.clone());
+            }
+            st.frames.len()
+        };
+        debug_assert!(n > 0);
+        st.msg.msg_iov = st.iov.as_mut_ptr();
+        st.msg.msg_iovlen = n as _;
+        st.conn = Some(conn.clone());
+        conn.sending.set(n as u8);
+        let ptr = Box::into_raw(st);
+        conn.send_ud.set(ptr as u64 | TAG_SEND);
+        debug_assert_eq!(ptr as u64 & TAG_MASK, 0);
+        // SAFETY: the header, the vectors and the frames they point into live in the boxed
+        // state, which is reclaimed only by the send's completion (`on_send`).
+        let sqe = opcode::SendMsg::new(types::Fd(fd), unsafe { &(*ptr).msg })
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(ptr as u64 | TAG_SEND);
+        self.push(&sqe);
+    }
+
+    fn on_send(&self, ptr: u64, res: i32) {
+        // SAFETY: the pointer came from Box::into_raw in `send`, and a send completes once.
+        let mut st = unsafe { Box::from_raw(ptr as *mut SendState) };
+        stats::inc(&self.stats.ring_sends);
+        if let Some(conn) = st.conn.take() {
+            conn.sent.set(res);
+            conn.sending.set(0);
+            conn.ring_clear(SEND_CANCELLING);
+            conn.ring_set(SENT);
+            conn.notify_writer();
+        }
+        st.frames.clear();
+        let mut pool = self.pool.borrow_mut();
+        if pool.len() < SEND_POOL {
+            pool.push(st);
+        }
+    }
+
+    /// Asks for the end of the connection's send in flight (a close that discards what is
+    /// queued must not wait behind it). A send waiting for room in the socket has sent
+    /// nothing, and completes with `ECANCELED`; one that got further completes as usual.
+    pub(crate) fn cancel_send(&self, conn: &ConnShared) {
+        if conn.sending.get() == 0 || conn.ring_has(SEND_CANCELLING) {
+            return;
+        }
+        conn.ring_set(SEND_CANCELLING);
+        // The send's state is reclaimed only by its completion, which the dispatcher reaps
+        // after submitting this entry: the user data cannot name another send by then.
+        let target = conn.send_ud.get();
+        self.push(
+            &opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(TAG_CANCEL),
+        );
+    }
+
+    /// Asks for the end of the connection's recv (it holds enough buffers, or leaves).
+    pub(crate) fn cancel(&self, conn: &ConnShared) {
+        let target = conn as *const ConnShared as u64 | TAG_RECV;
+        conn.ring_set(CANCELLING);
+        self.push(
+            &opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(TAG_CANCEL),
+        );
+    }
+
+    /// Decodes what the connection received, in order, giving each buffer back after use:
+    /// buffers until [`READ_BUDGET`] bytes (the rest waits for the next read, so that
+    /// backpressure is checked as often as on the readiness path). `feed` gets the bytes of
+    /// one buffer. Returns false once the peer's stream has ended and everything before the
+    /// end is decoded.
+    pub(crate) fn drain(&self, conn: &ConnShared, mut feed: impl FnMut(&mut [u8])) -> bool {
+        let mut rx = conn.rx.take();
+        let mut bytes = 0;
+        let mut used = 0;
+        for &e in &rx {
+            let (bid, len) = unpack(e);
+            // SAFETY: the buffer was received for this connection and is given back only
+            // below, after this use; len <= BUF_SIZE (the kernel's count for this buffer).
+            feed(unsafe { self.bufs.slice(bid, len) });
+            self.give_back(bid);
+            used += 1;
+            bytes += len;
+            if bytes >= READ_BUDGET {
+                break;
+            }
+        }
+        rx.drain(..used);
+        // Nothing was pushed meanwhile (the dispatcher runs in its own task): put the list
+        // back, keeping its allocation unless it grew past the cap.
+        let done = rx.is_empty();
+        if !done || rx.capacity() <= RX_CAP * 2 {
+            *conn.rx.borrow_mut() = rx;
+        }
+        !(done && conn.ring_has(EOF))
+    }
+
+    /// Gives back what a closed connection still held.
+    pub(crate) fn discard(&self, conn: &ConnShared) {
+        for e in conn.rx.take() {
+            self.give_back(unpack(e).0);
+        }
+    }
+
+    fn give_back(&self, bid: u16) {
+        self.bufs.put(bid);
+        // Starved connections are woken once a quarter of the buffers are free again.
+        if self.bufs.free.get() >= self.bufs.count / 4 && !self.starved.borrow().is_empty() {
+            for c in self.starved.take() {
+                c.ring_clear(STARVED);
+                c.notify_writer();
+            }
+        }
+    }
+
+    /// The dispatcher: submits, reaps and hands out completions, until the runtime ends.
+    pub(crate) async fn run(self: Rc<Self>) {
+        // An eventfd the kernel signals when completions wait (with DEFER_TASKRUN, when
+        // work to make them waits), its readiness waited on through monoio's ring.
+        // SAFETY: eventfd returns a fresh descriptor or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        let waiter = if efd < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            self.uring
+                .borrow()
+                .submitter()
+                .register_eventfd(efd)
+                .and_then(|()| {
+                    // SAFETY: `efd` is a fresh descriptor owned by nobody else. It is not a
+                    // socket, but the wrapper is only ever asked for readiness.
+                    monoio::net::UnixStream::from_std(unsafe {
+                        std::os::unix::net::UnixStream::from_raw_fd(efd)
+                    })
+                })
+        };
+        let waiter = match waiter {
+            Ok(w) => w,
+            Err(e) => {
+                // The worker cannot serve its connections without it: the process-wide policy
+                // for a dead worker applies.
+                panic!("cannot wait on the io_uring data path: {e}");
+            }
+        };
+        let mut readable = Box::pin(waiter.readable(false));
+        // Turns in a row taken on a submission's wake-up, without monoio reaping in between.
+        let mut eager = 0u32;
+        loop {
+            let fired = std::future::poll_fn(|cx| {
+                if self.unsubmitted.get() {
+                    return Poll::Ready(false);
+                }
+                if let Poll::Ready(r) = readable.as_mut().poll(cx) {
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "waiting on the io_uring data path failed");
+                    }
+                    return Poll::Ready(true);
+                }
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            })
+            .await;
+            if fired {
+                let mut count = 0u64;
+                // SAFETY: an 8-byte read into a u64 from our eventfd (non-blocking).
+                unsafe { libc::read(efd, (&mut count as *mut u64).cast(), 8) };
+                readable.set(waiter.readable(false));
+                eager = 0;
+            } else {
+                eager += 1;
+            }
+            self.unsubmitted.set(false);
+            // With DEFER_TASKRUN completions are made (and received bytes copied) only when
+            // this thread asks, a bounded number per entry: the connections woken for them
+            // run while their bytes are still in the cache.
+            let work = fired || eager < EAGER_TURNS;
+            let flags = if work {
+                1 /* IORING_ENTER_GETEVENTS */
+            } else {
+                0
+            };
+            let uring = self.uring.borrow();
+            // SAFETY: only this thread touches the submission queue, and not meanwhile.
+            let to_submit = unsafe { uring.submission_shared() }.len() as u32;
+            // SAFETY: no argument pointer is passed.
+            let r = unsafe {
+                uring
+                    .submitter()
+                    .enter::<libc::sigset_t>(to_submit, 0, flags, None)
+            };
+            drop(uring);
+            if let Err(e) = r {
+                if !matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINTR)) {
+                    tracing::error!(error = %e, "io_uring enter failed");
+                }
+                self.unsubmitted.set(true);
+            }
+            if work {
+                // The connections woken here run next; those that send wake this task again
+                // (behind them), which takes the next completions. Otherwise the ring's
+                // readiness does, once monoio has reaped its own.
+                self.reap();
+            }
+            // Work the kernel still holds for this thread (it makes a bounded number of
+            // completions per entry) signals nothing more: signal it ourselves, so the next
+            // turn comes once the woken connections and monoio have run.
+            // SAFETY: reading the queue's flags; only this thread uses the queue.
+            if unsafe { self.uring.borrow().submission_shared() }.taskrun() {
+                let one = 1u64;
+                // SAFETY: an 8-byte write of a u64 to our eventfd.
+                unsafe { libc::write(efd, (&one as *const u64).cast(), 8) };
+            }
+        }
+    }
+
+    /// Handles every completion waiting; returns how many.
+    fn reap(&self) -> usize {
+        let mut total = 0;
+        loop {
+            let mut batch = [(0u64, 0i32, 0u32); 64];
+            let mut n = 0;
+            {
+                let mut uring = self.uring.borrow_mut();
+                for cqe in uring.completion() {
+                    batch[n] = (cqe.user_data(), cqe.result(), cqe.flags());
+                    n += 1;
+                    if n == batch.len() {
+                        break;
+                    }
+                }
+            }
+            for &(data, res, flags) in &batch[..n] {
+                match data & TAG_MASK {
+                    TAG_RECV => self.on_recv(data & !TAG_MASK, res, flags),
+                    TAG_SEND => self.on_send(data & !TAG_MASK, res),
+                    _ => {}
+                }
+                // TAG_CANCEL: the cancellation's own completion; the recv's tells the outcome.
+            }
+            total += n;
+            if n < batch.len() {
+                return total;
+            }
+        }
+    }
+
+    fn on_recv(&self, ptr: u64, res: i32, flags: u32) {
+        // SAFETY: the recv holds a strong reference to the connection until its last
+        // completion (dropped at the end of this function), so it is alive here.
+        let conn = unsafe { &*(ptr as *const ConnShared) };
+        let more = cqueue::more(flags);
+        if res > 0 {
+            if let Some(bid) = cqueue::buffer_select(flags) {
+                self.bufs.free.set(self.bufs.free.get().saturating_sub(1));
+                stats::inc(&self.stats.ring_recvs);
+                if conn.has(crate::outbox::DONE) || conn.ring_has(EOF) {
+                    self.give_back(bid);
+                } else {
+                    let held = {
+                        let mut rx = conn.rx.borrow_mut();
+                        rx.push(pack(bid, res as usize));
+                        rx.len()
+                    };
+                    if more && held >= RX_CAP && !conn.ring_has(CANCELLING) {
+                        self.cancel(conn);
+                    }
+                    conn.notify_writer();
+                }
+            }
+        } else if res == -libc::ENOBUFS {
+            stats::inc(&self.stats.ring_starved);
+            conn.ring_set(STARVED);
+            // SAFETY: ptr came from Rc::into_raw and the recv's reference is still held;
+            // this takes one more for the starved list.
+            let rc = unsafe {
+                Rc::increment_strong_count(ptr as *const ConnShared);
+                Rc::from_raw(ptr as *const ConnShared)
+            };
+            self.starved.borrow_mut().push(rc);
+        } else if res != -libc::ECANCELED {
+            // The end of the peer's stream (0) or a socket error: after what rx holds.
+            conn.ring_set(EOF);
+            conn.notify_writer();
+        }
+        if !more {
+            conn.ring_clear(ARMED | CANCELLING);
+            stats::add_gauge(&self.stats.ring_recvs_armed, -1);
+            conn.notify_writer();
+            // SAFETY: the reference taken by `arm` for this recv, released once.
+            drop(unsafe { Rc::from_raw(ptr as *const ConnShared) });
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // The buffer mappings are left in place: the kernel tears the ring down
+        // asynchronously after its descriptor closes, and a late receive must never land in
+        // memory reused for something else. A ring lives as long as its worker thread.
+        for c in self.starved.take() {
+            drop(c);
+        }
+    }
+}
+
+/// [`BUF_COUNT`]; test builds take `WSGATE_FAULT_RING_BUFFERS` (a power of two) instead, so
+/// the tests can run the ring dry with a few clients.
+fn buffer_count() -> u16 {
+    #[cfg(debug_assertions)]
+    if let Some(n) = std::env::var("WSGATE_FAULT_RING_BUFFERS")
+        .ok()
+        .and_then(|v| v.parse::<u16>().ok())
+        .filter(|n| n.is_power_of_two())
+    {
+        return n;
+    }
+    BUF_COUNT
+}
+
+/// Checks that the kernel does what the data path needs (a multishot recv on a socket, with a
+/// provided buffer), on a socket pair, before any connection depends on it.
+fn self_test(uring: &mut IoUring, bufs: &BufRing) -> io::Result<()> {
+    use std::os::fd::OwnedFd;
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills two descriptors, owned right after.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors owned by nobody else.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: a one-byte write from a static buffer.
+    if unsafe { libc::write(b.as_raw_fd(), b"x".as_ptr().cast(), 1) } != 1 {
+        return Err(io::Error::last_os_error());
+    }
+    let sqe = opcode::RecvMulti::new(types::Fd(a.as_raw_fd()), BGID)
+        .build()
+        .user_data(TAG_CANCEL);
+    // SAFETY: the entry refers to the buffer ring only, which outlives the ring.
+    unsafe { uring.submission().push(&sqe) }
+        .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+    uring.submit_and_wait(1)?;
+    let first = uring.completion().next();
+    let (ok, armed) = match first {
+        Some(cqe) => {
+            if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+                bufs.free.set(bufs.free.get() - 1);
+                bufs.put(bid);
+            }
+            let more = cqueue::more(cqe.flags());
+            (cqe.result() == 1 && more, more)
+        }
+        None => (false, false),
+    };
+    // The peer's end of the stream ends the recv (if it was armed at all).
+    drop(b);
+    let mut ended = !armed;
+    while !ended {
+        uring.submit_and_wait(1)?;
+        for cqe in uring.completion() {
+            if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+                bufs.free.set(bufs.free.get() - 1);
+                bufs.put(bid);
+            }
+            ended |= !cqueue::more(cqe.flags());
+        }
+    }
+    drop(a);
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::other(
+            "the kernel has no multishot recv with provided buffers (Linux 6.0 or later)",
+        ))
+    }
+}
+
+fn pack(bid: u16, len: usize) -> u32 {
+    debug_assert!(len <= BUF_SIZE && BUF_SIZE <= 1 << 16);
+    ((bid as u32) << 16) | (len as u32 & 0xffff)
+}
+
+fn unpack(e: u32) -> (u16, usize) {
+    let len = (e & 0xffff) as usize;
+    // A whole buffer (BUF_SIZE = 32 KiB) fits in 16 bits; 0 never occurs (empty receives
+    // carry no buffer).
+    ((e >> 16) as u16, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_entries_pack_and_unpack() {
+        for (bid, len) in [(0u16, 1usize), (BUF_COUNT - 1, BUF_SIZE), (7, 20)] {
+            assert_eq!(unpack(pack(bid, len)), (bid, len));
+        }
+    }
+}
