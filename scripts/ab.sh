@@ -6,7 +6,10 @@
 #   scripts/ab.sh OLD_WSGATE NEW_WSGATE [ROUNDS]     (wsgate-bench from target/release)
 #   env: AB_BENCH (wsgate-bench path), AB_SCENARIOS (default "direct room room1k idle"),
 #        AB_PIN=1: one worker pinned to CPU 1 and the generator to CPU 0 (per-core mode).
-#   Either build may be a peer server from benches/peers (named peer-*, e.g. peer-broadcast).
+#   Either build may be a peer server from benches/peers (named peer-*, e.g. peer-broadcast),
+#   or a wrapper script that runs wsgate with other flags (e.g. `exec wsgate --no-ring "$@"`).
+#   Echo scenarios (wsgate's /echo, closed loop): echo20 (100 x 20 B), echo1k (100 x 1 KiB),
+#   echo16k (500 x 16 KiB); each reports the server's CPU per message (µs).
 #   Room fan-out scenarios: fan1k and fan5k publish to rooms of 1,000 and 5,000 members as
 #   fast as the gateway takes it (open loop at 100,000/s); fanmod publishes 100/s to 1,000
 #   members (compare p99). Each run also reports the gateway's CPU per delivery (µs, from
@@ -22,7 +25,7 @@ trap cleanup EXIT
 gen=()
 start() {
   # A peer server from benches/peers (peer-*) runs on one thread or two, like wsgate.
-  local one=(--workers 1) two=(--workers 2)
+  local one=(--workers 1 --echo-path /echo --max-message-size 1048576) two=(--workers 2 --echo-path /echo --max-message-size 1048576)
   case $(basename "$1") in peer-*) one=(--current-thread); two=(--threads 2) ;; esac
   if [ "${AB_PIN:-0}" = 1 ]; then
     taskset -c 1 "$1" --listen 127.0.0.1:0 "${one[@]}" >"$out/gw.out" 2>"$out/gw.err" &
@@ -45,6 +48,9 @@ run() {
     fan1k) args=(room --connections 1001 --rate 100000 --duration 8s --warmup 2s) ;;
     fan5k) args=(room --connections 5001 --rate 100000 --duration 8s --warmup 2s) ;;
     fanmod) args=(room --connections 1001 --rate 100 --duration 8s --warmup 2s) ;;
+    echo20) args=(echo --path /echo --connections 100 --size 20 --duration 8s --warmup 2s) ;;
+    echo1k) args=(echo --path /echo --connections 100 --size 1024 --duration 8s --warmup 2s) ;;
+    echo16k) args=(echo --path /echo --connections 500 --size 16384 --duration 8s --warmup 2s) ;;
   esac
   local res cpu0 cpu1 stats
   cpu0=$(awk '{print $14+$15}' "/proc/$pid/stat")
@@ -81,11 +87,17 @@ def p99(r):
 def cpu_per_delivery(r):
     d = (r.get("stats") or {}).get("deliveries")
     return round(r["cpu_ticks"] * 1e4 / d, 4) if d else None
+def cpu_per_msg(r):
+    n = r["result"].get("received")
+    return round(r["cpu_ticks"] * 1e4 / n, 4) if n else None
 def slow(r):
     return (r.get("stats") or {}).get("slow_consumer_closes")
 extra = {"fan1k": [("cpu_us_per_delivery", cpu_per_delivery), ("1013_closes", slow)],
          "fan5k": [("cpu_us_per_delivery", cpu_per_delivery), ("1013_closes", slow)],
-         "fanmod": [("p99_us", p99), ("cpu_us_per_delivery", cpu_per_delivery)]}
+         "fanmod": [("p99_us", p99), ("cpu_us_per_delivery", cpu_per_delivery)],
+         "echo20": [("cpu_us_per_msg", cpu_per_msg)],
+         "echo1k": [("cpu_us_per_msg", cpu_per_msg)],
+         "echo16k": [("cpu_us_per_msg", cpu_per_msg)]}
 for sc in sorted({r["scenario"] for r in rows}):
     for name, f in [("metric", metric)] + extra.get(sc, []):
         vals = {b: [f(r) for r in rows if r["scenario"] == sc and r["build"] == b] for b in "AB"}

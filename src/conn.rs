@@ -983,8 +983,10 @@ trait Transport: 'static {
     fn write(&mut self, conn: &ConnShared, fd: RawFd, head: &mut usize) -> io::Result<usize>;
     /// On the ring: starts a send of the queue's front.
     fn send(&mut self, _conn: &Rc<ConnShared>, _fd: RawFd, _head: usize) {}
-    /// On the ring: cancels the send in flight.
-    fn cancel_send(&mut self, _conn: &ConnShared) {}
+    /// On the ring: cancels the send in flight; true when nothing is in flight any more.
+    fn cancel_send(&mut self, _conn: &ConnShared) -> bool {
+        true
+    }
     /// Bytes held outside the queue that still have to be sent (TLS records).
     fn pending(&self) -> bool;
     /// The end of the connection, just before the socket is shut.
@@ -1053,7 +1055,7 @@ impl Transport for Box<rustls::ServerConnection> {
 struct Ringed(Rc<crate::ring::Ring>);
 
 /// A read this large sends the connection off the ring (see [`Ringed`]).
-const LEAVE_RING_AT: usize = 8 * 1024;
+const LEAVE_RING_AT: usize = crate::ring::BUF_SIZE;
 
 impl Transport for Ringed {
     /// A connection that receives large messages (a read of [`LEAVE_RING_AT`] or more) leaves
@@ -1118,7 +1120,8 @@ impl Transport for Ringed {
             if conn.ring_has(ARMED) && !conn.ring_has(CANCELLING) {
                 self.0.cancel(conn);
             }
-        } else if open && !conn.ring_has(ARMED | STARVED | EOF) {
+        } else if open && !conn.ring_has(ARMED | STARVED | EOF) && conn.rx.borrow().is_empty() {
+            // Re-armed once what it holds is decoded (a read decodes at most 64 KiB).
             self.0.arm(conn, fd);
         }
         open
@@ -1134,8 +1137,8 @@ impl Transport for Ringed {
         self.0.send(conn, fd, head);
     }
 
-    fn cancel_send(&mut self, conn: &ConnShared) {
-        self.0.cancel_send(conn);
+    fn cancel_send(&mut self, conn: &ConnShared) -> bool {
+        self.0.cancel_send(conn)
     }
 
     #[inline(always)]
@@ -1248,13 +1251,13 @@ fn run_connection<T: Transport>(
             // A close request becomes a close frame at the end of the queue. One that discards
             // the queue first cancels the send in flight (io_uring data path) and waits for it:
             // what the send carries is discarded with the rest, unless it got out meanwhile.
-            let wait_for_send = conn.sending.get() > 0
+            let mut wait_for_send = conn.sending.get() > 0
                 && conn
                     .close
                     .get()
                     .is_some_and(|r| r.kind == CloseKind::Initiate { flush: false });
             if wait_for_send && closing.is_none() {
-                io.cancel_send(&conn);
+                wait_for_send = !io.cancel_send(&conn);
             }
             if closing.is_none() && !wait_for_send {
                 if let Some(req) = conn.close.get() {

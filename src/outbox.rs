@@ -306,7 +306,11 @@ impl ConnShared {
     pub(crate) fn discard_unstarted(&self, head_written: usize) -> usize {
         let mut q = self.queue.borrow_mut();
         let keep = usize::from(head_written > 0)
-            .max(usize::from(self.sending.get()))
+            .max(match self.sending.get() {
+                // Requested but not built: nothing in flight yet.
+                crate::ring::REQUESTED => 0,
+                n => usize::from(n),
+            })
             .min(q.len());
         q.truncate(keep);
         let before = self.queued_bytes.get();

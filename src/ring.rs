@@ -42,15 +42,20 @@ const SQ_ENTRIES: u32 = 1024;
 /// Completion queue entries: multishot receives complete many times per submission.
 const CQ_ENTRIES: u32 = 16384;
 /// Buffers in the provided-buffer ring (a power of two).
-pub(crate) const BUF_COUNT: u16 = 256;
+pub(crate) const BUF_COUNT: u16 = 4096;
 /// Size of one provided buffer: a 16 KiB message and its header fit in one.
-pub(crate) const BUF_SIZE: usize = 32 * 1024;
+pub(crate) const BUF_SIZE: usize = 4 * 1024;
 /// The buffer group of the ring.
 const BGID: u16 = 0;
+/// The fewest free buffers the ring holds (see [`BufRing::adapt`]).
+const MIN_FILL: u16 = 64;
 /// Bytes one read decodes at most (the readiness path's scratch buffer is as large).
 const READ_BUDGET: usize = 64 * 1024;
 /// Received buffers a connection may hold before its recv is stopped.
 pub(crate) const RX_CAP: usize = 8;
+/// Entries into the kernel one dispatcher turn makes at most to take completions (each makes
+/// a bounded number, by default 20).
+const MAX_ENTRIES_PER_TURN: u32 = 256;
 /// Turns the dispatcher takes in a row on the connections' wake-ups before it lets monoio
 /// reap its own completions (accepts, timers, upgrades).
 const EAGER_TURNS: u32 = 8;
@@ -80,6 +85,8 @@ pub(crate) const LEAVING: u8 = 64;
 /// The connection has left the ring.
 pub(crate) const OFF: u8 = 128;
 
+/// `ConnShared::sending` of a send requested and not yet built.
+pub(crate) const REQUESTED: u8 = u8::MAX;
 /// Frames one send carries at most.
 const MAX_IOV: usize = 64;
 /// Spare send states a core keeps for reuse.
@@ -101,10 +108,17 @@ struct BufRing {
     /// `BUF_COUNT` `io_uring_buf` entries of 16 bytes; entry 0's last 2 bytes are the tail.
     entries: *mut u8,
     bufs: *mut u8,
-    /// Buffers in the ring (a power of two).
+    /// Buffers in all (a power of two).
     count: u16,
     tail: Cell<u16>,
+    /// Buffers in the ring, free for the kernel to take.
     free: Cell<u16>,
+    /// Free buffers held back from the ring, the most recently used last.
+    reserve: RefCell<Vec<u16>>,
+    /// How many free buffers the ring should hold (see [`BufRing::adapt`]).
+    target: Cell<u16>,
+    /// Buffers the kernel took since the last [`BufRing::adapt`].
+    taken: Cell<u16>,
 }
 
 impl BufRing {
@@ -125,7 +139,59 @@ impl BufRing {
             count,
             tail: Cell::new(0),
             free: Cell::new(0),
+            // Highest ids first, so that the lowest are used first.
+            reserve: RefCell::new((0..count).rev().collect()),
+            target: Cell::new(MIN_FILL.min(count)),
+            taken: Cell::new(0),
         })
+    }
+
+    /// The kernel took a buffer from the ring.
+    fn took(&self) {
+        self.free.set(self.free.get().saturating_sub(1));
+        self.taken.set(self.taken.get().saturating_add(1));
+    }
+
+    /// A buffer is free again: into the ring if it holds fewer than its target, else into
+    /// the reserve.
+    fn release(&self, bid: u16) {
+        if self.free.get() < self.target.get() {
+            self.put(bid);
+        } else {
+            self.reserve.borrow_mut().push(bid);
+        }
+    }
+
+    /// Fills the ring up to its target from the reserve, most recently used buffers first.
+    fn top_up(&self) {
+        let mut reserve = self.reserve.borrow_mut();
+        while self.free.get() < self.target.get() {
+            match reserve.pop() {
+                Some(bid) => self.put(bid),
+                None => break,
+            }
+        }
+    }
+
+    /// Once per dispatcher turn: sizes the ring's fill to twice what the kernel took in the
+    /// turn (at least [`MIN_FILL`]), growing at once and shrinking slowly; doubles it after
+    /// a receive found the ring empty. The kernel takes buffers in ring order, so every
+    /// buffer in the ring is touched once per lap: a ring holding only what a turn needs
+    /// keeps the buffers in use few, and warm in the cache (a fixed 4,096-buffer ring made
+    /// a 1 KiB echo 1.1x the CPU of a 256-buffer one).
+    fn adapt(&self, starved: bool) {
+        let taken = self.taken.replace(0);
+        let want = taken.saturating_mul(2).max(MIN_FILL).min(self.count);
+        let now = self.target.get();
+        let next = if starved {
+            now.saturating_mul(2).min(self.count)
+        } else if want >= now {
+            want
+        } else {
+            now - ((now - want) / 16).max(1)
+        };
+        self.target.set(next.max(want));
+        self.top_up();
     }
 
     /// Gives buffer `bid` (back) to the kernel.
@@ -191,6 +257,10 @@ pub(crate) struct Ring {
     waker: Cell<Option<Waker>>,
     /// Connections whose recv ended with `ENOBUFS`.
     starved: RefCell<Vec<Rc<ConnShared>>>,
+    /// A receive found the buffer ring empty this turn.
+    ran_dry: Cell<bool>,
+    /// Sends requested this turn: (connection, socket, bytes of its front frame written).
+    sends: RefCell<Vec<(Rc<ConnShared>, RawFd, usize)>>,
     /// Send states not in flight, for reuse. Boxed: the kernel holds their address while a
     /// send is in flight (the header points into the vectors beside it).
     #[allow(clippy::vec_box)]
@@ -216,9 +286,7 @@ impl Ring {
                 .submitter()
                 .register_buf_ring(bufs.entries as u64, bufs.count, BGID)?;
         }
-        for bid in 0..bufs.count {
-            bufs.put(bid);
-        }
+        bufs.top_up();
         let mut uring = uring;
         self_test(&mut uring, &bufs)?;
         Ok(Rc::new(Ring {
@@ -227,6 +295,8 @@ impl Ring {
             unsubmitted: Cell::new(false),
             waker: Cell::new(None),
             starved: RefCell::new(Vec::new()),
+            ran_dry: Cell::new(false),
+            sends: RefCell::new(Vec::new()),
             pool: RefCell::new(Vec::new()),
             stats,
         }))
@@ -252,6 +322,11 @@ impl Ring {
             }
         }
         drop(uring);
+        self.wake();
+    }
+
+    /// Marks work for the dispatcher and wakes it.
+    fn wake(&self) {
         if !self.unsubmitted.replace(true) {
             if let Some(w) = self.waker.take() {
                 w.wake();
@@ -261,6 +336,7 @@ impl Ring {
 
     /// Submits what is queued now, not at the dispatcher's next turn.
     pub(crate) fn flush(&self) {
+        self.build_sends();
         if self.unsubmitted.replace(false) {
             if let Err(e) = self.uring.borrow().submit() {
                 tracing::error!(error = %e, "io_uring submit failed");
@@ -287,6 +363,37 @@ impl Ring {
     /// time; its completion sets [`SENT`] and wakes the connection's task, which pops what
     /// was written and sends what queued up meanwhile.
     pub(crate) fn send(&self, conn: &Rc<ConnShared>, fd: RawFd, head: usize) {
+        // Built only when the dispatcher submits, so that everything queued until then (the
+        // other deliveries of this scheduler pass) leaves in this one send.
+        conn.sending.set(REQUESTED);
+        self.sends.borrow_mut().push((conn.clone(), fd, head));
+        self.wake();
+    }
+
+    /// Turns the requested sends into entries, each with what its queue holds now.
+    fn build_sends(&self) {
+        let requests = self.sends.take();
+        for (conn, fd, head) in &requests {
+            // Withdrawn (a close that discards the queue), or the connection ended: its
+            // socket may already be closed, and its number reused.
+            if conn.sending.get() != REQUESTED || conn.has(crate::outbox::DONE) {
+                if conn.sending.get() == REQUESTED {
+                    conn.sending.set(0);
+                }
+                continue;
+            }
+            self.build_send(conn, *fd, *head);
+        }
+        let mut requests = requests;
+        requests.clear();
+        // Keep the list's allocation for the next turn (unless nothing else took its place).
+        let mut sends = self.sends.borrow_mut();
+        if sends.is_empty() {
+            *sends = requests;
+        }
+    }
+
+    fn build_send(&self, conn: &Rc<ConnShared>, fd: RawFd, head: usize) {
         let mut st = self.pool.borrow_mut().pop().unwrap_or_else(|| {
             Box::new(SendState {
                 // SAFETY: an all-zero msghdr is valid (no name, no control data).
@@ -311,7 +418,11 @@ impl Ring {
             }
             st.frames.len()
         };
-        debug_assert!(n > 0);
+        if n == 0 {
+            conn.sending.set(0);
+            self.pool.borrow_mut().push(st);
+            return;
+        }
         st.msg.msg_iov = st.iov.as_mut_ptr();
         st.msg.msg_iovlen = n as _;
         st.conn = Some(conn.clone());
@@ -349,9 +460,14 @@ impl Ring {
     /// Asks for the end of the connection's send in flight (a close that discards what is
     /// queued must not wait behind it). A send waiting for room in the socket has sent
     /// nothing, and completes with `ECANCELED`; one that got further completes as usual.
-    pub(crate) fn cancel_send(&self, conn: &ConnShared) {
+    /// Returns true when nothing is in flight any more (the send was only requested).
+    pub(crate) fn cancel_send(&self, conn: &ConnShared) -> bool {
+        if conn.sending.get() == REQUESTED {
+            conn.sending.set(0);
+            return true;
+        }
         if conn.sending.get() == 0 || conn.ring_has(SEND_CANCELLING) {
-            return;
+            return conn.sending.get() == 0;
         }
         conn.ring_set(SEND_CANCELLING);
         // The send's state is reclaimed only by its completion, which the dispatcher reaps
@@ -362,6 +478,7 @@ impl Ring {
                 .build()
                 .user_data(TAG_CANCEL),
         );
+        false
     }
 
     /// Asks for the end of the connection's recv (it holds enough buffers, or leaves).
@@ -414,9 +531,13 @@ impl Ring {
     }
 
     fn give_back(&self, bid: u16) {
-        self.bufs.put(bid);
-        // Starved connections are woken once a quarter of the buffers are free again.
-        if self.bufs.free.get() >= self.bufs.count / 4 && !self.starved.borrow().is_empty() {
+        self.bufs.release(bid);
+        self.unstarve();
+    }
+
+    /// Starved connections are woken once the ring holds half its target again.
+    fn unstarve(&self) {
+        if self.bufs.free.get() >= self.bufs.target.get() / 2 && !self.starved.borrow().is_empty() {
             for c in self.starved.take() {
                 c.ring_clear(STARVED);
                 c.notify_writer();
@@ -482,39 +603,53 @@ impl Ring {
             }
             self.unsubmitted.set(false);
             // With DEFER_TASKRUN completions are made (and received bytes copied) only when
-            // this thread asks, a bounded number per entry: the connections woken for them
-            // run while their bytes are still in the cache.
+            // this thread enters with GETEVENTS, a bounded number per entry. Every one
+            // waiting is made and reaped before the woken connections run: what they queue
+            // for the same recipients then leaves in one send each, as on the readiness
+            // path (taking the completions in small chunks instead made 1.6x the TCP
+            // segments per message in the `direct` scenario, and cost 2x the CPU).
             let work = fired || eager < EAGER_TURNS;
-            let flags = if work {
-                1 /* IORING_ENTER_GETEVENTS */
-            } else {
-                0
-            };
-            let uring = self.uring.borrow();
-            // SAFETY: only this thread touches the submission queue, and not meanwhile.
-            let to_submit = unsafe { uring.submission_shared() }.len() as u32;
-            // SAFETY: no argument pointer is passed.
-            let r = unsafe {
-                uring
-                    .submitter()
-                    .enter::<libc::sigset_t>(to_submit, 0, flags, None)
-            };
-            drop(uring);
-            if let Err(e) = r {
-                if !matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINTR)) {
-                    tracing::error!(error = %e, "io_uring enter failed");
+            self.build_sends();
+            let mut entries = 0;
+            loop {
+                let flags = if work {
+                    1 /* IORING_ENTER_GETEVENTS */
+                } else {
+                    0
+                };
+                let uring = self.uring.borrow();
+                // SAFETY: only this thread touches the submission queue, and not meanwhile.
+                let to_submit = unsafe { uring.submission_shared() }.len() as u32;
+                // SAFETY: no argument pointer is passed.
+                let r = unsafe {
+                    uring
+                        .submitter()
+                        .enter::<libc::sigset_t>(to_submit, 0, flags, None)
+                };
+                drop(uring);
+                if let Err(e) = r {
+                    if !matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINTR)) {
+                        tracing::error!(error = %e, "io_uring enter failed");
+                    }
+                    self.unsubmitted.set(true);
                 }
-                self.unsubmitted.set(true);
+                if !work {
+                    break;
+                }
+                self.reap();
+                entries += 1;
+                // SAFETY: reading the queue's flags; only this thread uses the queue.
+                let more = unsafe { self.uring.borrow().submission_shared() }.taskrun();
+                if !more || entries == MAX_ENTRIES_PER_TURN {
+                    break;
+                }
             }
             if work {
-                // The connections woken here run next; those that send wake this task again
-                // (behind them), which takes the next completions. Otherwise the ring's
-                // readiness does, once monoio has reaped its own.
-                self.reap();
+                self.bufs.adapt(self.ran_dry.replace(false));
+                self.unstarve();
             }
-            // Work the kernel still holds for this thread (it makes a bounded number of
-            // completions per entry) signals nothing more: signal it ourselves, so the next
-            // turn comes once the woken connections and monoio have run.
+            // Work the kernel still holds for this thread signals nothing more: signal it
+            // ourselves, so the next turn comes once the woken connections and monoio ran.
             // SAFETY: reading the queue's flags; only this thread uses the queue.
             if unsafe { self.uring.borrow().submission_shared() }.taskrun() {
                 let one = 1u64;
@@ -562,7 +697,7 @@ impl Ring {
         let more = cqueue::more(flags);
         if res > 0 {
             if let Some(bid) = cqueue::buffer_select(flags) {
-                self.bufs.free.set(self.bufs.free.get().saturating_sub(1));
+                self.bufs.took();
                 stats::inc(&self.stats.ring_recvs);
                 if conn.has(crate::outbox::DONE) || conn.ring_has(EOF) {
                     self.give_back(bid);
@@ -580,6 +715,7 @@ impl Ring {
             }
         } else if res == -libc::ENOBUFS {
             stats::inc(&self.stats.ring_starved);
+            self.ran_dry.set(true);
             conn.ring_set(STARVED);
             // SAFETY: ptr came from Rc::into_raw and the recv's reference is still held;
             // this takes one more for the starved list.
@@ -662,8 +798,8 @@ fn self_test(uring: &mut IoUring, bufs: &BufRing) -> io::Result<()> {
     let (ok, armed) = match first {
         Some(cqe) => {
             if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
-                bufs.free.set(bufs.free.get() - 1);
-                bufs.put(bid);
+                bufs.took();
+                bufs.release(bid);
             }
             let more = cqueue::more(cqe.flags());
             (cqe.result() == 1 && more, more)
@@ -677,8 +813,8 @@ fn self_test(uring: &mut IoUring, bufs: &BufRing) -> io::Result<()> {
         uring.submit_and_wait(1)?;
         for cqe in uring.completion() {
             if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
-                bufs.free.set(bufs.free.get() - 1);
-                bufs.put(bid);
+                bufs.took();
+                bufs.release(bid);
             }
             ended |= !cqueue::more(cqe.flags());
         }
@@ -708,6 +844,47 @@ fn unpack(e: u32) -> (u16, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ring_holds_what_a_turn_takes_and_grows_when_it_runs_dry() {
+        let b = BufRing::new(1024).unwrap();
+        b.top_up();
+        assert_eq!((b.free.get(), b.target.get()), (MIN_FILL, MIN_FILL));
+        // A turn that took every buffer the ring held (and gave them back): the ring holds
+        // twice as many, at once.
+        for bid in 0..MIN_FILL {
+            b.took();
+            b.release(bid);
+        }
+        b.adapt(false);
+        assert_eq!((b.target.get(), b.free.get()), (2 * MIN_FILL, 2 * MIN_FILL));
+        // Running dry doubles it, up to every buffer there is.
+        b.adapt(true);
+        b.adapt(true);
+        b.adapt(true);
+        assert_eq!((b.target.get(), b.free.get()), (1024, 1024));
+        b.adapt(true);
+        assert_eq!(b.target.get(), 1024);
+        // Quiet turns shrink it by a sixteenth of the excess each, never under MIN_FILL;
+        // buffers given back past the target go to the reserve, the ring keeps the rest.
+        b.adapt(false);
+        assert_eq!(b.target.get(), 1024 - (1024 - MIN_FILL) / 16);
+        for _ in 0..2000 {
+            b.adapt(false);
+        }
+        assert_eq!(b.target.get(), MIN_FILL);
+        for bid in 0..10 {
+            b.took();
+            b.release(bid);
+        }
+        assert_eq!(b.reserve.borrow().len(), 10);
+        assert_eq!(b.free.get(), 1014);
+        // A small ring (the tests' 4 buffers) never asks for more than it has.
+        let small = BufRing::new(4).unwrap();
+        small.adapt(true);
+        small.adapt(false);
+        assert_eq!(small.target.get(), 4);
+    }
 
     #[test]
     fn buffer_entries_pack_and_unpack() {
