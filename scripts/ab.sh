@@ -80,7 +80,7 @@ def metric(r):
     res = r["result"]
     if r["scenario"] == "idle":
         g = res.get("gateway") or {}
-        return g.get("rss_per_conn_bytes") or g.get("bytes_per_conn")
+        return g.get("gateway_rss_per_conn_bytes") or g.get("rss_per_conn_bytes")
     return res.get("msgs_per_sec")
 def p99(r):
     return (r["result"].get("latency") or {}).get("p99_us")

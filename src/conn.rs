@@ -1054,7 +1054,8 @@ impl Transport for Box<rustls::ServerConnection> {
 /// leaves in sends on the ring, one in flight at a time.
 struct Ringed(Rc<crate::ring::Ring>);
 
-/// A read this large sends the connection off the ring (see [`Ringed`]).
+/// A read this large (a whole buffer: a large message or a burst) sends the connection off the
+/// ring (see [`Ringed`]).
 const LEAVE_RING_AT: usize = crate::ring::BUF_SIZE;
 
 impl Transport for Ringed {

@@ -1,33 +1,39 @@
 //! The data path on io_uring beyond readiness: one ring per core of our own, beside monoio's,
-//! that receives every plain WebSocket connection's bytes.
+//! through which every plain WebSocket connection reads and writes once upgraded.
 //!
-//! * **Reads without a poll or a `recv` each.** Every upgraded plain connection has one
-//!   multishot `recv` armed on the ring, with buffer selection from a provided-buffer ring
-//!   ([`BUF_COUNT`] × [`BUF_SIZE`] per core). The kernel takes a buffer only when bytes arrive:
-//!   an idle connection holds no buffer and no pending operation of ours in user memory, and
-//!   a busy one costs no system call per read. The buffers are mapped once per core and
-//!   become resident only as they are first used.
-//! * **One dispatcher task per core** ([`Ring::run`]) submits what the connections' tasks
-//!   queued (one `io_uring_enter` for all of them), reaps the completions, hands each
-//!   connection the buffers it received (its `rx` list) and wakes its task, which decodes the
-//!   bytes straight from the buffer and gives it back. The dispatcher sleeps on readiness of
-//!   the ring's own descriptor, polled through monoio's ring.
+//! * **Reads without a poll or a `recv` each.** Every such connection has one multishot
+//!   `recv` armed on the ring, with buffer selection from a provided-buffer ring (up to
+//!   [`BUF_COUNT`] × [`BUF_SIZE`] per core, mapped once, resident only as used; the ring
+//!   holds about twice what a turn takes, see [`BufRing::adapt`]). The kernel takes a buffer
+//!   only when bytes arrive: an idle connection holds no buffer and no pending operation of
+//!   ours in user memory, and a busy one costs no system call per read.
+//! * **Writes without a `sendmsg` each.** One `sendmsg` on the ring per connection at a time,
+//!   built when the dispatcher submits so that it carries every frame queued by then.
+//! * **One dispatcher task per core** ([`Ring::run`]) builds the requested sends, submits
+//!   what the connections' tasks queued (one `io_uring_enter` for all of them), makes and
+//!   reaps the completions (`DEFER_TASKRUN`: the kernel copies received bytes only then),
+//!   hands each connection the buffers it received (its `rx` list) and wakes its task, which
+//!   decodes the bytes straight from the buffer and gives it back. It sleeps on an eventfd
+//!   the kernel signals, polled through monoio's ring.
 //! * **Bounds.** A connection may hold [`RX_CAP`] buffers not yet decoded (it is paused under
 //!   backpressure, or slow); at that many its `recv` is cancelled, and its task re-arms it once
 //!   it has caught up. When the buffer ring runs dry (`ENOBUFS`, which ends a multishot recv),
 //!   the connection waits on the core's starved list until buffers come back.
 //! * **Lifetimes.** An armed recv owns one strong reference to its connection's shared state
-//!   ([`ConnShared`]), taken when it is armed and dropped with its last completion: a
-//!   completion never finds freed memory, whatever the timing. Closing a connection shuts
-//!   its socket, which ends the recv (a completion without `IORING_CQE_F_MORE`).
+//!   ([`ConnShared`]), taken when it is armed and dropped with its last completion, and a send
+//!   in flight owns one plus a reference to every frame it carries: a completion never finds
+//!   freed memory, whatever the timing. Closing a connection shuts its socket, which ends the
+//!   recv (a completion without `IORING_CQE_F_MORE`); entries naming a socket are submitted
+//!   before it closes.
 //!
 //! TLS connections, plain HTTP and the upgrade itself keep monoio's readiness path, and so
-//! does everything under the epoll driver.
+//! does everything under the epoll driver, with `--no-ring`, and, for good, a connection
+//! that receives large messages (see `conn.rs`).
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::task::{Poll, Waker};
@@ -250,6 +256,8 @@ fn map(len: usize) -> io::Result<*mut u8> {
 /// One core's ring.
 pub(crate) struct Ring {
     uring: RefCell<IoUring>,
+    /// The eventfd registered on the ring, until the dispatcher takes it.
+    efd: Cell<Option<std::os::fd::OwnedFd>>,
     bufs: BufRing,
     /// Entries pushed since the last submit.
     unsubmitted: Cell<bool>,
@@ -289,7 +297,19 @@ impl Ring {
         bufs.top_up();
         let mut uring = uring;
         self_test(&mut uring, &bufs)?;
+        // An eventfd the kernel signals when completions wait (with DEFER_TASKRUN: when work
+        // to make them waits), made here so that every descriptor of the core exists once
+        // the gateway says it listens.
+        // SAFETY: eventfd returns a fresh descriptor or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let efd = unsafe { std::os::fd::OwnedFd::from_raw_fd(efd) };
+        uring.submitter().register_eventfd(efd.as_raw_fd())?;
         Ok(Rc::new(Ring {
+            efd: Cell::new(Some(efd)),
             uring: RefCell::new(uring),
             bufs,
             unsubmitted: Cell::new(false),
@@ -547,25 +567,17 @@ impl Ring {
 
     /// The dispatcher: submits, reaps and hands out completions, until the runtime ends.
     pub(crate) async fn run(self: Rc<Self>) {
-        // An eventfd the kernel signals when completions wait (with DEFER_TASKRUN, when
-        // work to make them waits), its readiness waited on through monoio's ring.
-        // SAFETY: eventfd returns a fresh descriptor or -1.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        let waiter = if efd < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            self.uring
-                .borrow()
-                .submitter()
-                .register_eventfd(efd)
-                .and_then(|()| {
-                    // SAFETY: `efd` is a fresh descriptor owned by nobody else. It is not a
-                    // socket, but the wrapper is only ever asked for readiness.
-                    monoio::net::UnixStream::from_std(unsafe {
-                        std::os::unix::net::UnixStream::from_raw_fd(efd)
-                    })
-                })
+        // The eventfd's readiness, waited on through monoio's ring.
+        let waiter = match self.efd.take() {
+            // SAFETY: the descriptor moves from the OwnedFd to the wrapper, which owns it
+            // from now on. It is not a socket, but the wrapper is only ever asked for
+            // readiness.
+            Some(fd) => monoio::net::UnixStream::from_std(unsafe {
+                std::os::unix::net::UnixStream::from_raw_fd(fd.into_raw_fd())
+            }),
+            None => Err(io::Error::other("the dispatcher runs once")),
         };
+        let efd = waiter.as_ref().map_or(-1, |w| w.as_raw_fd());
         let waiter = match waiter {
             Ok(w) => w,
             Err(e) => {
@@ -836,7 +848,7 @@ fn pack(bid: u16, len: usize) -> u32 {
 
 fn unpack(e: u32) -> (u16, usize) {
     let len = (e & 0xffff) as usize;
-    // A whole buffer (BUF_SIZE = 32 KiB) fits in 16 bits; 0 never occurs (empty receives
+    // A whole buffer (BUF_SIZE = 4 KiB) fits in 16 bits; 0 never occurs (empty receives
     // carry no buffer).
     ((e >> 16) as u16, len)
 }
