@@ -115,6 +115,10 @@ pub(crate) const LIVE: u8 = 64;
 /// The task stopped reading under backpressure; the core's resume task wakes it.
 pub(crate) const PAUSED: u8 = 128;
 
+/// `ConnShared::sending` of a send on the io_uring data path that is requested and not yet
+/// built (src/ring.rs).
+pub(crate) const SEND_REQUESTED: u8 = u8::MAX;
+
 /// State of one connection shared by its task (reading half and writing half) and the core's
 /// router.
 pub(crate) struct ConnShared {
@@ -308,7 +312,7 @@ impl ConnShared {
         let keep = usize::from(head_written > 0)
             .max(match self.sending.get() {
                 // Requested but not built: nothing in flight yet.
-                crate::ring::REQUESTED => 0,
+                SEND_REQUESTED => 0,
                 n => usize::from(n),
             })
             .min(q.len());

@@ -40,7 +40,7 @@ use std::task::{Poll, Waker};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::outbox::ConnShared;
+use crate::outbox::{ConnShared, SEND_REQUESTED as REQUESTED};
 use crate::stats;
 
 /// Submission queue entries of the ring.
@@ -91,8 +91,6 @@ pub(crate) const LEAVING: u8 = 64;
 /// The connection has left the ring.
 pub(crate) const OFF: u8 = 128;
 
-/// `ConnShared::sending` of a send requested and not yet built.
-pub(crate) const REQUESTED: u8 = u8::MAX;
 /// Frames one send carries at most.
 const MAX_IOV: usize = 64;
 /// Spare send states a core keeps for reuse.
