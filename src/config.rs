@@ -62,16 +62,17 @@ pub struct Config {
     )]
     pub no_pin: bool,
 
-    /// Read WebSocket connections through readiness waits and one `recv` each, not the
-    /// io_uring data path (multishot receives into a per-core buffer ring). The data path is
-    /// used only where the workers run on io_uring; this is for comparison and fallback.
+    /// Read and write plain WebSocket connections through the io_uring data path (multishot
+    /// receives into a per-core buffer ring, sends on the ring) instead of readiness waits,
+    /// `recv` and `sendmsg`. Used only where the workers run on io_uring. Off by default until
+    /// its memory under churn passes the soak (see the README's known limitations).
     #[arg(
         help_heading = "Network",
         long,
-        env = "WSGATE_NO_RING",
+        env = "WSGATE_RING",
         default_value_t = false
     )]
-    pub no_ring: bool,
+    pub ring: bool,
 
     /// How often the server pings each connection (`500ms`, `2s`, `1m`).
     #[arg(help_heading = "Liveness", long, env = "WSGATE_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]

@@ -321,7 +321,7 @@ fn run_worker(
             mailbox,
             ready.clone(),
             started.clone(),
-            uring && !shared.config.no_ring,
+            uring && shared.config.ring,
         )
     };
     let built = match shared.config.driver {
