@@ -396,10 +396,33 @@ impl Ring {
     pub(crate) fn flush(&self) {
         self.build_sends();
         if self.unsubmitted.replace(false) {
-            if let Err(e) = self.uring.borrow().submit() {
-                tracing::error!(error = %e, "io_uring submit failed");
-                self.unsubmitted.set(true);
+            self.enter(false);
+        }
+    }
+
+    /// One `io_uring_enter`: submits what is queued and, with `getevents`, makes the
+    /// completions the kernel holds for this thread (`DEFER_TASKRUN`), without waiting for
+    /// any. On failure the entries stay queued for the next turn.
+    fn enter(&self, getevents: bool) {
+        let flags = if getevents {
+            1 /* IORING_ENTER_GETEVENTS */
+        } else {
+            0
+        };
+        let uring = self.uring.borrow();
+        // SAFETY: only this thread touches the submission queue, and not meanwhile.
+        let to_submit = unsafe { uring.submission_shared() }.len() as u32;
+        // SAFETY: no argument pointer is passed.
+        let r = unsafe {
+            uring
+                .submitter()
+                .enter::<libc::sigset_t>(to_submit, 0, flags, None)
+        };
+        if let Err(e) = r {
+            if !matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINTR)) {
+                tracing::error!(error = %e, "io_uring enter failed");
             }
+            self.unsubmitted.set(true);
         }
     }
 
@@ -662,27 +685,7 @@ impl Ring {
             self.build_sends();
             let mut entries = 0;
             loop {
-                let flags = if work {
-                    1 /* IORING_ENTER_GETEVENTS */
-                } else {
-                    0
-                };
-                let uring = self.uring.borrow();
-                // SAFETY: only this thread touches the submission queue, and not meanwhile.
-                let to_submit = unsafe { uring.submission_shared() }.len() as u32;
-                // SAFETY: no argument pointer is passed.
-                let r = unsafe {
-                    uring
-                        .submitter()
-                        .enter::<libc::sigset_t>(to_submit, 0, flags, None)
-                };
-                drop(uring);
-                if let Err(e) = r {
-                    if !matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINTR)) {
-                        tracing::error!(error = %e, "io_uring enter failed");
-                    }
-                    self.unsubmitted.set(true);
-                }
+                self.enter(work);
                 if !work {
                     break;
                 }
@@ -709,9 +712,8 @@ impl Ring {
         }
     }
 
-    /// Handles every completion waiting; returns how many.
-    fn reap(&self) -> usize {
-        let mut total = 0;
+    /// Handles every completion waiting.
+    fn reap(&self) {
         loop {
             let mut batch = [(0u64, 0i32, 0u32); 64];
             let mut n = 0;
@@ -733,9 +735,8 @@ impl Ring {
                 }
                 // TAG_CANCEL: the cancellation's own completion; the recv's tells the outcome.
             }
-            total += n;
             if n < batch.len() {
-                return total;
+                return;
             }
         }
     }
