@@ -1054,8 +1054,9 @@ impl Transport for Box<rustls::ServerConnection> {
 /// leaves in sends on the ring, one in flight at a time.
 struct Ringed(Rc<crate::ring::Ring>);
 
-/// A read this large (a whole buffer: a large message or a burst) sends the connection off the
-/// ring (see [`Ringed`]).
+/// A read this large (a buffer's worth at once: a large message or a burst) sends the
+/// connection off the ring (see [`Ringed`]). Counted over the whole read, not per received
+/// part: with incremental buffers a 5 KiB message may arrive as two parts of 2.5 KiB.
 const LEAVE_RING_AT: usize = crate::ring::BUF_SIZE;
 
 impl Transport for Ringed {
@@ -1103,17 +1104,15 @@ impl Transport for Ringed {
             return session.read(core, conn, fd);
         }
         let mut bytes = 0;
-        let mut largest = 0;
         let open = self.0.drain(conn, |data| {
             bytes += data.len();
-            largest = largest.max(data.len());
             session.feed(core, conn, data);
         });
         if bytes > 0 {
             conn.touch();
             stats::add(&core.stats().bytes_in, bytes as u64);
         }
-        if largest >= LEAVE_RING_AT && !conn.ring_has(LEAVING) {
+        if bytes >= LEAVE_RING_AT && !conn.ring_has(LEAVING) {
             conn.ring_set(LEAVING);
             stats::inc(&core.stats().ring_left);
         }

@@ -137,7 +137,7 @@ pub(crate) struct ConnShared {
     pub(crate) expires_at: Cell<Millis>,
     /// On the io_uring data path (src/ring.rs): buffers received and not yet decoded, in
     /// order (buffer id and length, packed).
-    pub(crate) rx: RefCell<Vec<u32>>,
+    pub(crate) rx: RefCell<Vec<u64>>,
     /// On the io_uring data path: the state of the connection's recv (`ring::ARMED`, ...).
     pub(crate) ring: Cell<u8>,
     /// On the io_uring data path: queued frames a send in flight carries (0: none in flight).

@@ -129,6 +129,27 @@ struct BufRing {
     /// Turns since the last [`BufRing::trim`], and when that was.
     turns: Cell<u32>,
     trimmed_at: Cell<std::time::Instant>,
+    /// The kernel fills each buffer in parts (`IOU_PBUF_RING_INC`, Linux 6.12): see
+    /// [`BufRing::received`].
+    incremental: Cell<bool>,
+    /// Per buffer, while the kernel or a connection holds it: see [`Slot`].
+    slots: Box<[Slot]>,
+}
+
+/// What one buffer holds for the connections. With incremental consumption the kernel puts
+/// each receive where the previous one into the same buffer ended, whichever connection it
+/// was for, and moves on to the next buffer only once this one is full: many small reads
+/// (4,500 pongs after a ping round) share a few buffers instead of taking 4 KiB each. The
+/// buffer is free again once the kernel has moved past it and every connection has decoded
+/// its part.
+#[derive(Default)]
+struct Slot {
+    /// Bytes the kernel has put in the buffer so far (where the next receive starts).
+    filled: Cell<u16>,
+    /// Parts received into it and not yet decoded.
+    parts: Cell<u16>,
+    /// The kernel has moved past it (it takes nothing more from this buffer).
+    done: Cell<bool>,
 }
 
 impl BufRing {
@@ -156,13 +177,45 @@ impl BufRing {
             cold: Cell::new(count as usize),
             turns: Cell::new(0),
             trimmed_at: Cell::new(std::time::Instant::now()),
+            incremental: Cell::new(false),
+            slots: (0..count).map(|_| Slot::default()).collect(),
         })
     }
 
-    /// The kernel took a buffer from the ring.
-    fn took(&self) {
-        self.free.set(self.free.get().saturating_sub(1));
-        self.taken.set(self.taken.get().saturating_add(1));
+    /// A receive put `len` bytes into buffer `bid`; `more` is the completion's
+    /// `IORING_CQE_F_BUF_MORE` (the kernel keeps filling the buffer). Returns where the bytes
+    /// start in the buffer. The part stays the caller's until [`BufRing::consumed`].
+    fn received(&self, bid: u16, len: usize, more: bool) -> usize {
+        let slot = &self.slots[bid as usize];
+        let start = slot.filled.get() as usize;
+        // The kernel hands out each buffer's bytes in order, in the order of its
+        // completions, and never past the buffer's end: anything else would be a broken
+        // kernel interface, and decoding on from a wrong offset would corrupt streams.
+        assert!(
+            !slot.done.get() && start + len <= BUF_SIZE,
+            "io_uring buffer {bid}: {len} bytes at {start} past its end or after its last part"
+        );
+        slot.filled.set((start + len) as u16);
+        slot.parts.set(slot.parts.get() + 1);
+        if !(more && self.incremental.get()) {
+            slot.done.set(true);
+            self.free.set(self.free.get().saturating_sub(1));
+            self.taken.set(self.taken.get().saturating_add(1));
+        }
+        start
+    }
+
+    /// A part of buffer `bid` is decoded (or discarded); the last one frees the buffer once
+    /// the kernel is done with it.
+    fn consumed(&self, bid: u16) {
+        let slot = &self.slots[bid as usize];
+        let parts = slot.parts.get().saturating_sub(1);
+        slot.parts.set(parts);
+        if parts == 0 && slot.done.get() {
+            slot.done.set(false);
+            slot.filled.set(0);
+            self.release(bid);
+        }
     }
 
     /// A buffer is free again: into the ring if it holds fewer than its target, else into
@@ -260,14 +313,58 @@ impl BufRing {
         self.free.set(self.free.get() + 1);
     }
 
-    /// The bytes the kernel put in buffer `bid`.
+    /// The `len` bytes at `start` the kernel put in buffer `bid`.
     ///
     /// # Safety
-    /// The buffer must be held by the caller (received, not yet given back), and `len` at
-    /// most [`BUF_SIZE`]; no other reference to it may live.
+    /// The part must be held by the caller (received, not yet consumed), `start + len` at
+    /// most [`BUF_SIZE`], and no other reference to the part may live (parts of one buffer
+    /// never overlap).
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, bid: u16, len: usize) -> &mut [u8] {
-        std::slice::from_raw_parts_mut(self.bufs.add(bid as usize * BUF_SIZE), len)
+    unsafe fn slice(&self, bid: u16, start: usize, len: usize) -> &mut [u8] {
+        debug_assert!(bid < self.count && start + len <= BUF_SIZE);
+        std::slice::from_raw_parts_mut(self.bufs.add(bid as usize * BUF_SIZE + start), len)
+    }
+}
+
+/// `IOU_PBUF_RING_INC` (Linux 6.12): the kernel consumes a provided buffer in parts.
+const IOU_PBUF_RING_INC: u16 = 2;
+/// `IORING_CQE_F_BUF_MORE`: the kernel keeps filling the completion's buffer.
+const CQE_F_BUF_MORE: u32 = 1 << 4;
+/// `IORING_REGISTER_PBUF_RING`.
+const IORING_REGISTER_PBUF_RING: libc::c_uint = 22;
+
+/// Registers the buffer ring with `flags` (the io-uring crate's `register_buf_ring` takes
+/// none; `struct io_uring_buf_reg` from `linux/io_uring.h`).
+///
+/// # Safety
+/// `bufs.entries` must be a page-aligned mapping of `bufs.count` entries outliving the ring.
+unsafe fn register_buf_ring(uring: &IoUring, bufs: &BufRing, flags: u16) -> io::Result<()> {
+    #[repr(C)]
+    struct BufReg {
+        ring_addr: u64,
+        ring_entries: u32,
+        bgid: u16,
+        flags: u16,
+        resv: [u64; 3],
+    }
+    let reg = BufReg {
+        ring_addr: bufs.entries as u64,
+        ring_entries: bufs.count as u32,
+        bgid: BGID,
+        flags,
+        resv: [0; 3],
+    };
+    let r = libc::syscall(
+        libc::SYS_io_uring_register,
+        uring.as_raw_fd(),
+        IORING_REGISTER_PBUF_RING,
+        &reg as *const BufReg,
+        1,
+    );
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -327,10 +424,14 @@ impl Ring {
         let bufs = BufRing::new(buffer_count())?;
         // SAFETY: `entries` is a page-aligned mapping of `count` entries that lives as long
         // as the ring (it is never unmapped, see Drop).
-        unsafe {
-            uring
-                .submitter()
-                .register_buf_ring(bufs.entries as u64, bufs.count, BGID)?;
+        match unsafe { register_buf_ring(&uring, &bufs, IOU_PBUF_RING_INC) } {
+            Ok(()) => bufs.incremental.set(true),
+            // Kernels before 6.12 refuse the flag: one buffer per receive then.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => unsafe {
+                // SAFETY: as above.
+                register_buf_ring(&uring, &bufs, 0)?
+            },
+            Err(e) => return Err(e),
         }
         bufs.top_up();
         let mut uring = uring;
@@ -583,10 +684,10 @@ impl Ring {
         let mut bytes = 0;
         let mut used = 0;
         for &e in &rx {
-            let (bid, len) = unpack(e);
-            // SAFETY: the buffer was received for this connection and is given back only
-            // below, after this use; len <= BUF_SIZE (the kernel's count for this buffer).
-            feed(unsafe { self.bufs.slice(bid, len) });
+            let (bid, start, len) = unpack(e);
+            // SAFETY: the part was received for this connection and is consumed only below,
+            // after this use; `received` checked that it lies inside the buffer.
+            feed(unsafe { self.bufs.slice(bid, start, len) });
             self.give_back(bid);
             used += 1;
             bytes += len;
@@ -612,7 +713,7 @@ impl Ring {
     }
 
     fn give_back(&self, bid: u16) {
-        self.bufs.release(bid);
+        self.bufs.consumed(bid);
         self.unstarve();
     }
 
@@ -748,14 +849,16 @@ impl Ring {
         let more = cqueue::more(flags);
         if res > 0 {
             if let Some(bid) = cqueue::buffer_select(flags) {
-                self.bufs.took();
+                let start = self
+                    .bufs
+                    .received(bid, res as usize, flags & CQE_F_BUF_MORE != 0);
                 stats::inc(&self.stats.ring_recvs);
                 if conn.has(crate::outbox::DONE) || conn.ring_has(EOF) {
                     self.give_back(bid);
                 } else {
                     let held = {
                         let mut rx = conn.rx.borrow_mut();
-                        rx.push(pack(bid, res as usize));
+                        rx.push(pack(bid, start, res as usize));
                         rx.len()
                     };
                     if more && held >= RX_CAP && !conn.ring_has(CANCELLING) {
@@ -848,12 +951,16 @@ fn self_test(uring: &mut IoUring, bufs: &BufRing) -> io::Result<()> {
     let first = uring.completion().next();
     let (ok, armed) = match first {
         Some(cqe) => {
+            let mut got = false;
             if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
-                bufs.took();
-                bufs.release(bid);
+                let buf_more = cqe.flags() & CQE_F_BUF_MORE != 0;
+                let start = bufs.received(bid, cqe.result().max(0) as usize, buf_more);
+                // SAFETY: the part was just received and is consumed right after.
+                got = unsafe { bufs.slice(bid, start, 1) } == b"x";
+                bufs.consumed(bid);
             }
             let more = cqueue::more(cqe.flags());
-            (cqe.result() == 1 && more, more)
+            (cqe.result() == 1 && got && more, more)
         }
         None => (false, false),
     };
@@ -864,8 +971,9 @@ fn self_test(uring: &mut IoUring, bufs: &BufRing) -> io::Result<()> {
         uring.submit_and_wait(1)?;
         for cqe in uring.completion() {
             if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
-                bufs.took();
-                bufs.release(bid);
+                let buf_more = cqe.flags() & CQE_F_BUF_MORE != 0;
+                bufs.received(bid, cqe.result().max(0) as usize, buf_more);
+                bufs.consumed(bid);
             }
             ended |= !cqueue::more(cqe.flags());
         }
@@ -880,16 +988,19 @@ fn self_test(uring: &mut IoUring, bufs: &BufRing) -> io::Result<()> {
     }
 }
 
-fn pack(bid: u16, len: usize) -> u32 {
-    debug_assert!(len <= BUF_SIZE && BUF_SIZE <= 1 << 16);
-    ((bid as u32) << 16) | (len as u32 & 0xffff)
+/// One received part in a connection's `rx` list: buffer, start, length (each < 2^16, as
+/// BUF_SIZE is 4 KiB).
+fn pack(bid: u16, start: usize, len: usize) -> u64 {
+    debug_assert!(start + len <= BUF_SIZE && BUF_SIZE < 1 << 16);
+    ((bid as u64) << 32) | ((start as u64 & 0xffff) << 16) | (len as u64 & 0xffff)
 }
 
-fn unpack(e: u32) -> (u16, usize) {
-    let len = (e & 0xffff) as usize;
-    // A whole buffer (BUF_SIZE = 4 KiB) fits in 16 bits; 0 never occurs (empty receives
-    // carry no buffer).
-    ((e >> 16) as u16, len)
+fn unpack(e: u64) -> (u16, usize, usize) {
+    (
+        (e >> 32) as u16,
+        ((e >> 16) & 0xffff) as usize,
+        (e & 0xffff) as usize,
+    )
 }
 
 #[cfg(test)]
@@ -904,8 +1015,8 @@ mod tests {
         // A turn that took every buffer the ring held (and gave them back): the ring holds
         // twice as many, at once.
         for bid in 0..MIN_FILL {
-            b.took();
-            b.release(bid);
+            b.received(bid, BUF_SIZE, false);
+            b.consumed(bid);
         }
         b.adapt(false);
         assert_eq!((b.target.get(), b.free.get()), (2 * MIN_FILL, 2 * MIN_FILL));
@@ -925,8 +1036,8 @@ mod tests {
         }
         assert_eq!(b.target.get(), MIN_FILL);
         for bid in 0..10 {
-            b.took();
-            b.release(bid);
+            b.received(bid, 1, false);
+            b.consumed(bid);
         }
         assert_eq!(b.reserve.borrow().len(), 10);
         assert_eq!(b.free.get(), 1014);
@@ -939,8 +1050,47 @@ mod tests {
 
     #[test]
     fn buffer_entries_pack_and_unpack() {
-        for (bid, len) in [(0u16, 1usize), (BUF_COUNT - 1, BUF_SIZE), (7, 20)] {
-            assert_eq!(unpack(pack(bid, len)), (bid, len));
+        for (bid, start, len) in [
+            (0u16, 0usize, 1usize),
+            (BUF_COUNT - 1, 0, BUF_SIZE),
+            (7, 20, 20),
+            (BUF_COUNT - 1, BUF_SIZE - 1, 1),
+        ] {
+            assert_eq!(unpack(pack(bid, start, len)), (bid, start, len));
         }
+    }
+
+    #[test]
+    fn parts_of_one_buffer_follow_each_other_and_free_it_together() {
+        let b = BufRing::new(16).unwrap();
+        b.incremental.set(true);
+        b.top_up();
+        let free = b.free.get();
+        // Three receives (say, of three connections) into buffer 3: each starts where the
+        // previous one ended, and the buffer stays the kernel's until one fills it.
+        assert_eq!(b.received(3, 100, true), 0);
+        assert_eq!(b.received(3, 200, true), 100);
+        assert_eq!(b.free.get(), free);
+        b.consumed(3);
+        b.consumed(3);
+        assert_eq!(b.received(3, BUF_SIZE - 300, false), 300);
+        assert_eq!((b.free.get(), b.taken.get()), (free - 1, 1));
+        // Free again only once every part is decoded, and then from its start.
+        b.consumed(3);
+        assert_eq!(b.free.get(), free);
+        assert_eq!(b.received(3, 10, true), 0);
+        // Without incremental consumption every receive ends its buffer.
+        b.incremental.set(false);
+        assert_eq!(b.received(4, 10, true), 0);
+        assert!(b.slots[4].done.get());
+    }
+
+    #[test]
+    #[should_panic(expected = "past its end")]
+    fn a_part_past_the_buffer_end_is_refused() {
+        let b = BufRing::new(16).unwrap();
+        b.incremental.set(true);
+        b.received(2, BUF_SIZE - 10, true);
+        b.received(2, 11, false);
     }
 }
