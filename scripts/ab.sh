@@ -7,7 +7,7 @@
 #   env: AB_BENCH (wsgate-bench path), AB_SCENARIOS (default "direct room room1k idle"),
 #        AB_PIN=1: one worker pinned to CPU 1 and the generator to CPU 0 (per-core mode).
 #   Either build may be a peer server from benches/peers (named peer-*, e.g. peer-broadcast),
-#   or a wrapper script that runs wsgate with other flags (e.g. `exec wsgate --ring "$@"`).
+#   or a wrapper script that runs wsgate with other flags (e.g. `exec wsgate --no-ring "$@"`).
 #   Echo scenarios (wsgate's /echo, closed loop): echo20 (100 x 20 B), echo1k (100 x 1 KiB),
 #   echo16k (500 x 16 KiB); each reports the server's CPU per message (µs).
 #   Room fan-out scenarios: fan1k and fan5k publish to rooms of 1,000 and 5,000 members as

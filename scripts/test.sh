@@ -8,7 +8,8 @@
 #     scripts/test-cluster.sh when missing);
 #  2. the integration tests again with every gateway on the epoll fallback driver
 #     (MONOIO_FORCE_LEGACY_DRIVER=1), which behaves differently under load (~40 s), and
-#     once more on the io_uring data path (WSGATE_RING=true, i.e. --ring; ~40 s);
+#     once more on io_uring without the data path (WSGATE_NO_RING=true, i.e. --no-ring:
+#     readiness waits, as TLS connections always use; ~40 s);
 #  3. the JavaScript client and the --demo page: node's test runner and headless Chromium
 #     against the real gateway (scripts/test-js.sh);
 #  4. the operations kit: promtool, dashboard metric names against the real /metrics,
@@ -29,8 +30,8 @@ cargo test
 echo "== integration tests on the epoll fallback driver" >&2
 MONOIO_FORCE_LEGACY_DRIVER=1 cargo test --test gateway --test v1 --test hostile --test tls \
   --test cluster --test python_client
-echo "== integration tests on the io_uring data path (--ring)" >&2
-WSGATE_RING=true cargo test --test gateway --test v1 --test hostile --test python_client
+echo "== integration tests on io_uring readiness waits (--no-ring)" >&2
+WSGATE_NO_RING=true cargo test --test gateway --test v1 --test hostile --test python_client
 bin="${CARGO_TARGET_DIR:-target}/debug/wsgate"
 echo "== JavaScript client and demo page" >&2
 WSGATE_BIN="$bin" scripts/test-js.sh

@@ -62,16 +62,21 @@ pub struct Config {
     )]
     pub no_pin: bool,
 
-    /// Read and write plain WebSocket connections through the io_uring data path (multishot
-    /// receives into a per-core buffer ring, sends on the ring) instead of readiness waits,
-    /// `recv` and `sendmsg`. Used only where the workers run on io_uring. Off by default until
-    /// its memory under churn passes the soak (see the README's known limitations).
+    /// Read and write WebSocket connections through readiness waits, `recv` and `sendmsg`,
+    /// not the io_uring data path (multishot receives into a per-core buffer ring, sends on
+    /// the ring). The data path is used only where the workers run on io_uring; this is for
+    /// comparison and fallback.
     #[arg(
         help_heading = "Network",
         long,
-        env = "WSGATE_RING",
+        env = "WSGATE_NO_RING",
         default_value_t = false
     )]
+    pub no_ring: bool,
+
+    /// The io_uring data path, the default again: accepted (and ignored) so that commands
+    /// and environments written while it was opt-in keep working.
+    #[arg(long, env = "WSGATE_RING", hide = true, default_value_t = false)]
     pub ring: bool,
 
     /// How often the server pings each connection (`500ms`, `2s`, `1m`).

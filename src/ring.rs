@@ -27,7 +27,7 @@
 //!   before it closes.
 //!
 //! TLS connections, plain HTTP and the upgrade itself keep monoio's readiness path, and so
-//! does everything under the epoll driver, without `--ring`, and, for good, a connection
+//! does everything under the epoll driver, with `--no-ring`, and, for good, a connection
 //! that receives large messages (see `conn.rs`).
 
 use std::cell::{Cell, RefCell};

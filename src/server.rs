@@ -321,7 +321,7 @@ fn run_worker(
             mailbox,
             ready.clone(),
             started.clone(),
-            uring && shared.config.ring,
+            uring && !shared.config.no_ring,
         )
     };
     let built = match shared.config.driver {

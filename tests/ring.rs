@@ -1,6 +1,6 @@
-//! The io_uring data path (src/ring.rs, `--ring`): multishot receives into a per-core buffer
-//! ring and sends on the ring. Run against the real gateway on io_uring (the default driver
-//! here); the other suites cover the readiness path, the default.
+//! The io_uring data path (src/ring.rs): multishot receives into a per-core buffer ring and
+//! sends on the ring. Run against the real gateway on io_uring (the default driver here); the
+//! readiness path is covered by the epoll pass of the other suites.
 
 mod common;
 
@@ -35,7 +35,7 @@ fn read_text(ws: &mut WebSocket<TcpStream>) -> String {
 /// close): an armed recv holds a reference to its connection, so a leak would show here.
 #[test]
 fn every_recv_armed_on_the_ring_ends_with_its_connection() {
-    let gw = Gateway::start(&["--ring"]);
+    let gw = Gateway::start(&[]);
     let mut clients: Vec<_> = (0..60).map(|i| gw.connect(&format!("r{i}"))).collect();
     // A round trip on each: its bytes came through the ring.
     for (i, c) in clients.iter_mut().enumerate() {
@@ -74,7 +74,7 @@ fn every_recv_armed_on_the_ring_ends_with_its_connection() {
 #[test]
 fn a_large_message_moves_its_connection_off_the_ring_in_order() {
     use std::io::Write;
-    let gw = Gateway::start(&["--ring", "--echo-path", "/echo", "--workers", "1"]);
+    let gw = Gateway::start(&["--echo-path", "/echo", "--workers", "1"]);
     let mut ws = echo_client(&gw);
     let mut sent = Vec::new();
     for i in 0..5 {
@@ -120,12 +120,9 @@ fn a_large_message_moves_its_connection_off_the_ring_in_order() {
 /// reordered, no connection hangs.
 #[test]
 fn an_empty_buffer_ring_starves_no_connection() {
-    let gw = Gateway::start_with(
-        &["--ring", "--echo-path", "/echo", "--workers", "1"],
-        |cmd| {
-            cmd.env("WSGATE_FAULT_RING_BUFFERS", "4");
-        },
-    );
+    let gw = Gateway::start_with(&["--echo-path", "/echo", "--workers", "1"], |cmd| {
+        cmd.env("WSGATE_FAULT_RING_BUFFERS", "4");
+    });
     let addr = gw.addr;
     for round in 0..20 {
         thread::scope(|s| {
