@@ -1054,9 +1054,10 @@ impl Transport for Box<rustls::ServerConnection> {
 /// leaves in sends on the ring, one in flight at a time.
 struct Ringed(Rc<crate::ring::Ring>);
 
-/// A read this large (a buffer's worth at once: a large message or a burst) sends the
-/// connection off the ring (see [`Ringed`]). Counted over the whole read, not per received
-/// part: with incremental buffers a 5 KiB message may arrive as two parts of 2.5 KiB.
+/// A receive this large (a buffer's worth at once: a large message or a burst) sends the
+/// connection off the ring (see [`Ringed`]). Counted over the parts of one receive (see
+/// `Ring::drain`): with buffers filled in parts a 5 KiB message may arrive as two parts of
+/// 2.5 KiB, the first ending one buffer and the second starting the next.
 const LEAVE_RING_AT: usize = crate::ring::BUF_SIZE;
 
 impl Transport for Ringed {
@@ -1104,7 +1105,7 @@ impl Transport for Ringed {
             return session.read(core, conn, fd);
         }
         let mut bytes = 0;
-        let open = self.0.drain(conn, |data| {
+        let (open, run) = self.0.drain(conn, |data| {
             bytes += data.len();
             session.feed(core, conn, data);
         });
@@ -1112,7 +1113,7 @@ impl Transport for Ringed {
             conn.touch();
             stats::add(&core.stats().bytes_in, bytes as u64);
         }
-        if bytes >= LEAVE_RING_AT && !conn.ring_has(LEAVING) {
+        if run >= LEAVE_RING_AT && !conn.ring_has(LEAVING) {
             conn.ring_set(LEAVING);
             stats::inc(&core.stats().ring_left);
         }

@@ -209,6 +209,7 @@ impl BufRing {
     /// the kernel is done with it.
     fn consumed(&self, bid: u16) {
         let slot = &self.slots[bid as usize];
+        debug_assert!(slot.parts.get() > 0, "buffer {bid} given back twice");
         let parts = slot.parts.get().saturating_sub(1);
         slot.parts.set(parts);
         if parts == 0 && slot.done.get() {
@@ -677,18 +678,27 @@ impl Ring {
     /// Decodes what the connection received, in order, giving each buffer back after use:
     /// buffers until [`READ_BUDGET`] bytes (the rest waits for the next read, so that
     /// backpressure is checked as often as on the readiness path). `feed` gets the bytes of
-    /// one buffer. Returns false once the peer's stream has ended and everything before the
-    /// end is decoded.
-    pub(crate) fn drain(&self, conn: &ConnShared, mut feed: impl FnMut(&mut [u8])) -> bool {
+    /// one part. Returns whether the stream is still open (false once the peer's stream has
+    /// ended and everything before the end is decoded), and the longest run of bytes that
+    /// arrived in one receive: a receive that reached the end of its buffer went on in a
+    /// fresh one, so parts that follow one ending a buffer are counted as one run (parts
+    /// held over turns, while the connection was paused, are not summed otherwise).
+    pub(crate) fn drain(
+        &self,
+        conn: &ConnShared,
+        mut feed: impl FnMut(&mut [u8]),
+    ) -> (bool, usize) {
         let mut rx = conn.rx.take();
         let mut bytes = 0;
         let mut used = 0;
+        let mut runs = Runs::default();
         for &e in &rx {
             let (bid, start, len) = unpack(e);
             // SAFETY: the part was received for this connection and is consumed only below,
             // after this use; `received` checked that it lies inside the buffer.
             feed(unsafe { self.bufs.slice(bid, start, len) });
             self.give_back(bid);
+            runs.add(start, len);
             used += 1;
             bytes += len;
             if bytes >= READ_BUDGET {
@@ -702,7 +712,7 @@ impl Ring {
         if !done || rx.capacity() <= RX_CAP * 2 {
             *conn.rx.borrow_mut() = rx;
         }
-        !(done && conn.ring_has(EOF))
+        (!(done && conn.ring_has(EOF)), runs.longest)
     }
 
     /// Gives back what a closed connection still held.
@@ -820,7 +830,18 @@ impl Ring {
             let mut n = 0;
             {
                 let mut uring = self.uring.borrow_mut();
-                for cqe in uring.completion() {
+                let mut cq = uring.completion();
+                // The kernel drops a completion only when the queue is full and it cannot
+                // allocate room to hold it back (memory pressure). A lost receive would put
+                // every later part of its buffer at a wrong offset, and a lost send would
+                // hang its connection: the worker cannot go on, and the process-wide policy
+                // for a dead worker applies (abort, so a supervisor restarts it).
+                assert!(
+                    cq.overflow() == 0,
+                    "the io_uring data path lost {} completions",
+                    cq.overflow()
+                );
+                for cqe in &mut cq {
                     batch[n] = (cqe.user_data(), cqe.result(), cqe.flags());
                     n += 1;
                     if n == batch.len() {
@@ -847,6 +868,15 @@ impl Ring {
         // completion (dropped at the end of this function), so it is alive here.
         let conn = unsafe { &*(ptr as *const ConnShared) };
         let more = cqueue::more(flags);
+        if res <= 0 {
+            // A receive issued from the kernel's worker pool may take its whole buffer when
+            // it is selected and still end empty (EOF, an error, a cancellation): the buffer
+            // comes back with the completion, and is free again at once.
+            if let Some(bid) = cqueue::buffer_select(flags) {
+                self.bufs.received(bid, 0, flags & CQE_F_BUF_MORE != 0);
+                self.give_back(bid);
+            }
+        }
         if res > 0 {
             if let Some(bid) = cqueue::buffer_select(flags) {
                 let start = self
@@ -988,6 +1018,28 @@ fn self_test(uring: &mut IoUring, bufs: &BufRing) -> io::Result<()> {
     }
 }
 
+/// The longest run of bytes among a connection's parts that came in one receive: a part
+/// that starts a buffer continues a run when the part before it ended its buffer (the
+/// kernel went on in a fresh one).
+#[derive(Default)]
+struct Runs {
+    run: usize,
+    longest: usize,
+    joined: bool,
+}
+
+impl Runs {
+    fn add(&mut self, start: usize, len: usize) {
+        self.run = if self.joined && start == 0 {
+            self.run + len
+        } else {
+            len
+        };
+        self.longest = self.longest.max(self.run);
+        self.joined = start + len == BUF_SIZE;
+    }
+}
+
 /// One received part in a connection's `rx` list: buffer, start, length (each < 2^16, as
 /// BUF_SIZE is 4 KiB).
 fn pack(bid: u16, start: usize, len: usize) -> u64 {
@@ -1058,6 +1110,32 @@ mod tests {
         ] {
             assert_eq!(unpack(pack(bid, start, len)), (bid, start, len));
         }
+    }
+
+    #[test]
+    fn a_receive_split_over_two_buffers_counts_as_one_run() {
+        let longest = |parts: &[(usize, usize)]| {
+            let mut r = Runs::default();
+            for &(start, len) in parts {
+                r.add(start, len);
+            }
+            r.longest
+        };
+        // A 5 KiB message: the rest of one buffer, then the start of the next.
+        assert_eq!(longest(&[(BUF_SIZE - 3000, 3000), (0, 2120)]), 5120);
+        // A 16 KiB one: whole buffers in a row.
+        assert_eq!(
+            longest(&[(100, BUF_SIZE - 100), (0, BUF_SIZE), (0, BUF_SIZE)]),
+            12188
+        );
+        // Eight small messages held while the connection was paused: never summed, even
+        // when one happened to end its buffer.
+        let small: Vec<_> = (0..8).map(|i| (i * 600, 600)).collect();
+        assert_eq!(longest(&small), 600);
+        assert_eq!(
+            longest(&[(BUF_SIZE - 600, 600), (0, 600), (600, 600)]),
+            1200
+        );
     }
 
     #[test]
