@@ -634,7 +634,12 @@ mod tests {
         assert_eq!(c.max_message_size, 65536);
         assert_eq!(c.max_queued_bytes, 1 << 20);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+        assert!(!c.no_ring, "the io_uring data path is on by default");
         assert!(c.validate().is_ok());
+        // `--ring`, from when the data path was opt-in, still parses and changes nothing.
+        let old = Config::parse_from(["wsgate", "--ring"]);
+        assert!(!old.no_ring && old.validate().is_ok());
+        assert!(Config::parse_from(["wsgate", "--no-ring"]).no_ring);
     }
 
     #[test]
