@@ -99,10 +99,12 @@ const SEND_POOL: usize = 256;
 
 /// One send in flight: the message header and vectors the kernel reads, and a reference to
 /// every frame they point into, so the bytes stay put whatever happens to the connection's
-/// queue (or the connection) before the send completes.
+/// queue (or the connection) before the send completes. The vectors are sized to the send:
+/// a ping round puts one send in flight on every connection at once, and a fixed array of
+/// [`MAX_IOV`] vectors made each cost 1.1 KB (the full soak's RSS peaked 25 MB higher).
 struct SendState {
     msg: libc::msghdr,
-    iov: [libc::iovec; MAX_IOV],
+    iov: Vec<libc::iovec>,
     frames: Vec<bytes::Bytes>,
     conn: Option<Rc<ConnShared>>,
 }
@@ -581,22 +583,22 @@ impl Ring {
             Box::new(SendState {
                 // SAFETY: an all-zero msghdr is valid (no name, no control data).
                 msg: unsafe { std::mem::zeroed() },
-                iov: [libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                }; MAX_IOV],
-                frames: Vec::with_capacity(4),
+                iov: Vec::new(),
+                frames: Vec::new(),
                 conn: None,
             })
         });
         let n = {
             let q = conn.queue.borrow();
-            for (i, frame) in q.iter().take(MAX_IOV).enumerate() {
+            let n = q.len().min(MAX_IOV);
+            st.iov.reserve_exact(n);
+            st.frames.reserve_exact(n);
+            for (i, frame) in q.iter().take(n).enumerate() {
                 let part = if i == 0 { &frame[head..] } else { &frame[..] };
-                st.iov[i] = libc::iovec {
+                st.iov.push(libc::iovec {
                     iov_base: part.as_ptr() as *mut libc::c_void,
                     iov_len: part.len(),
-                };
+                });
                 st.frames.push(frame.clone());
             }
             st.frames.len()
@@ -634,6 +636,7 @@ impl Ring {
             conn.notify_writer();
         }
         st.frames.clear();
+        st.iov.clear();
         let mut pool = self.pool.borrow_mut();
         if pool.len() < SEND_POOL {
             pool.push(st);
