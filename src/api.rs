@@ -371,7 +371,7 @@ pub(crate) fn metrics(core: &Core) -> String {
     );
     counter(
         "wsgate_ring_left_total",
-        "Connections that left the io_uring data path for readiness reads after a read that filled a whole 4 KiB buffer.",
+        "Connections that left the io_uring data path for readiness reads after 4 KiB or more arrived in one receive (a large message or a burst).",
         |s| s.ring_left,
     );
     let labelled =

@@ -135,8 +135,8 @@ pub(crate) struct ConnShared {
     pub(crate) close_deadline: Cell<Millis>,
     /// When the connection's token expires (closed with 1008 then).
     pub(crate) expires_at: Cell<Millis>,
-    /// On the io_uring data path (src/ring.rs): buffers received and not yet decoded, in
-    /// order (buffer id and length, packed).
+    /// On the io_uring data path (src/ring.rs): parts of buffers received and not yet
+    /// decoded, in order (buffer id, start and length, packed).
     pub(crate) rx: RefCell<Vec<u64>>,
     /// On the io_uring data path: the state of the connection's recv (`ring::ARMED`, ...).
     pub(crate) ring: Cell<u8>,

@@ -12,10 +12,10 @@
 //! * **One dispatcher task per core** ([`Ring::run`]) builds the requested sends, submits
 //!   what the connections' tasks queued (one `io_uring_enter` for all of them), makes and
 //!   reaps the completions (`DEFER_TASKRUN`: the kernel copies received bytes only then),
-//!   hands each connection the buffers it received (its `rx` list) and wakes its task, which
-//!   decodes the bytes straight from the buffer and gives it back. It sleeps on an eventfd
+//!   hands each connection the parts of buffers it received (its `rx` list) and wakes its
+//!   task, which decodes the bytes straight from the buffer and gives the part back. It sleeps on an eventfd
 //!   the kernel signals, polled through monoio's ring.
-//! * **Bounds.** A connection may hold [`RX_CAP`] buffers not yet decoded (it is paused under
+//! * **Bounds.** A connection may hold [`RX_CAP`] received parts not yet decoded (it is paused under
 //!   backpressure, or slow); at that many its `recv` is cancelled, and its task re-arms it once
 //!   it has caught up. When the buffer ring runs dry (`ENOBUFS`, which ends a multishot recv),
 //!   the connection waits on the core's starved list until buffers come back.
@@ -58,7 +58,7 @@ const BGID: u16 = 0;
 const MIN_FILL: u16 = 64;
 /// Bytes one read decodes at most (the readiness path's scratch buffer is as large).
 const READ_BUDGET: usize = 64 * 1024;
-/// Received buffers a connection may hold before its recv is stopped.
+/// Received parts a connection may hold before its recv is stopped.
 pub(crate) const RX_CAP: usize = 8;
 /// Entries into the kernel one dispatcher turn makes at most to take completions (each makes
 /// a bounded number, by default 20).
