@@ -356,8 +356,13 @@ pub(crate) fn metrics(core: &Core) -> String {
     );
     counter(
         "wsgate_ring_recvs_total",
-        "Buffers received on the io_uring data path (one per completion of a multishot recv).",
+        "Parts received on the io_uring data path (one per completion of a multishot recv).",
         |s| s.ring_recvs,
+    );
+    counter(
+        "wsgate_ring_buffers_filled_total",
+        "Provided buffers the kernel filled and moved past on the io_uring data path (with buffers filled in parts, Linux 6.12: about one per 4 KiB received; else one per part).",
+        |s| s.ring_buffers_filled,
     );
     counter(
         "wsgate_ring_starved_total",

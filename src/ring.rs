@@ -186,8 +186,9 @@ impl BufRing {
 
     /// A receive put `len` bytes into buffer `bid`; `more` is the completion's
     /// `IORING_CQE_F_BUF_MORE` (the kernel keeps filling the buffer). Returns where the bytes
-    /// start in the buffer. The part stays the caller's until [`BufRing::consumed`].
-    fn received(&self, bid: u16, len: usize, more: bool) -> usize {
+    /// start in the buffer, and whether the kernel has moved past the buffer. The part stays
+    /// the caller's until [`BufRing::consumed`].
+    fn received(&self, bid: u16, len: usize, more: bool) -> (usize, bool) {
         let slot = &self.slots[bid as usize];
         let start = slot.filled.get() as usize;
         // The kernel hands out each buffer's bytes in order, in the order of its
@@ -199,12 +200,13 @@ impl BufRing {
         );
         slot.filled.set((start + len) as u16);
         slot.parts.set(slot.parts.get() + 1);
-        if !(more && self.incremental.get()) {
+        let finished = !(more && self.incremental.get());
+        if finished {
             slot.done.set(true);
             self.free.set(self.free.get().saturating_sub(1));
             self.taken.set(self.taken.get().saturating_add(1));
         }
-        start
+        (start, finished)
     }
 
     /// A part of buffer `bid` is decoded (or discarded); the last one frees the buffer once
@@ -876,16 +878,21 @@ impl Ring {
             // it is selected and still end empty (EOF, an error, a cancellation): the buffer
             // comes back with the completion, and is free again at once.
             if let Some(bid) = cqueue::buffer_select(flags) {
-                self.bufs.received(bid, 0, flags & CQE_F_BUF_MORE != 0);
+                if self.bufs.received(bid, 0, flags & CQE_F_BUF_MORE != 0).1 {
+                    stats::inc(&self.stats.ring_buffers_filled);
+                }
                 self.give_back(bid);
             }
         }
         if res > 0 {
             if let Some(bid) = cqueue::buffer_select(flags) {
-                let start = self
-                    .bufs
-                    .received(bid, res as usize, flags & CQE_F_BUF_MORE != 0);
+                let (start, finished) =
+                    self.bufs
+                        .received(bid, res as usize, flags & CQE_F_BUF_MORE != 0);
                 stats::inc(&self.stats.ring_recvs);
+                if finished {
+                    stats::inc(&self.stats.ring_buffers_filled);
+                }
                 if conn.has(crate::outbox::DONE) || conn.ring_has(EOF) {
                     self.give_back(bid);
                 } else {
@@ -995,7 +1002,7 @@ fn self_test(uring: &mut IoUring, bufs: &BufRing) -> io::Result<()> {
     let part = |(res, flags): (i32, u32), want: &[u8]| -> Option<(u16, usize)> {
         let bid = cqueue::buffer_select(flags)?;
         let len = usize::try_from(res).unwrap_or(0);
-        let start = bufs.received(bid, len, flags & CQE_F_BUF_MORE != 0);
+        let (start, _) = bufs.received(bid, len, flags & CQE_F_BUF_MORE != 0);
         // SAFETY: the part was just received and is consumed right after.
         let same = unsafe { bufs.slice(bid, start, len) } == want;
         bufs.consumed(bid);
@@ -1212,20 +1219,20 @@ mod tests {
         let free = b.free.get();
         // Three receives (say, of three connections) into buffer 3: each starts where the
         // previous one ended, and the buffer stays the kernel's until one fills it.
-        assert_eq!(b.received(3, 100, true), 0);
-        assert_eq!(b.received(3, 200, true), 100);
+        assert_eq!(b.received(3, 100, true), (0, false));
+        assert_eq!(b.received(3, 200, true), (100, false));
         assert_eq!(b.free.get(), free);
         b.consumed(3);
         b.consumed(3);
-        assert_eq!(b.received(3, BUF_SIZE - 300, false), 300);
+        assert_eq!(b.received(3, BUF_SIZE - 300, false), (300, true));
         assert_eq!((b.free.get(), b.taken.get()), (free - 1, 1));
         // Free again only once every part is decoded, and then from its start.
         b.consumed(3);
         assert_eq!(b.free.get(), free);
-        assert_eq!(b.received(3, 10, true), 0);
+        assert_eq!(b.received(3, 10, true), (0, false));
         // Without incremental consumption every receive ends its buffer.
         b.incremental.set(false);
-        assert_eq!(b.received(4, 10, true), 0);
+        assert_eq!(b.received(4, 10, true), (0, true));
         assert!(b.slots[4].done.get());
     }
 

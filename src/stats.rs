@@ -73,8 +73,10 @@ pub struct CoreStats {
     pub accept_errors: AtomicU64,
     /// Multishot receives armed on the core's io_uring data path (gauge).
     pub ring_recvs_armed: AtomicI64,
-    /// Buffers received on the io_uring data path.
+    /// Parts received on the io_uring data path (one per completion of a multishot recv).
     pub ring_recvs: AtomicU64,
+    /// Provided buffers the kernel filled and moved past on the io_uring data path.
+    pub ring_buffers_filled: AtomicU64,
     /// Receives on the io_uring data path that found no free buffer.
     pub ring_starved: AtomicU64,
     /// Sends completed on the io_uring data path.
@@ -156,8 +158,11 @@ pub struct Snapshot {
     pub accept_errors: u64,
     /// Multishot receives armed on the io_uring data path (one per plain WebSocket).
     pub ring_recvs_armed: i64,
-    /// Buffers received on the io_uring data path.
+    /// Parts received on the io_uring data path (one per completion of a multishot recv).
     pub ring_recvs: u64,
+    /// Provided buffers the kernel filled and moved past on the io_uring data path: with
+    /// buffers filled in parts (Linux 6.12), about one per 4 KiB received, else one per part.
+    pub ring_buffers_filled: u64,
     /// Receives on the io_uring data path that found no free buffer.
     pub ring_starved: u64,
     /// Sends completed on the io_uring data path.
@@ -204,6 +209,7 @@ impl CoreStats {
             accept_errors: self.accept_errors.load(Relaxed),
             ring_recvs_armed: self.ring_recvs_armed.load(Relaxed),
             ring_recvs: self.ring_recvs.load(Relaxed),
+            ring_buffers_filled: self.ring_buffers_filled.load(Relaxed),
             ring_starved: self.ring_starved.load(Relaxed),
             ring_sends: self.ring_sends.load(Relaxed),
             ring_left: self.ring_left.load(Relaxed),
@@ -250,6 +256,7 @@ impl Snapshot {
             t.accept_errors += s.accept_errors;
             t.ring_recvs_armed += s.ring_recvs_armed;
             t.ring_recvs += s.ring_recvs;
+            t.ring_buffers_filled += s.ring_buffers_filled;
             t.ring_starved += s.ring_starved;
             t.ring_sends += s.ring_sends;
             t.ring_left += s.ring_left;
