@@ -711,10 +711,11 @@ impl Ring {
             }
         }
         rx.drain(..used);
-        // Nothing was pushed meanwhile (the dispatcher runs in its own task): put the list
-        // back, keeping its allocation unless it grew past the cap.
+        // Nothing was pushed meanwhile (the dispatcher runs in its own task): put what is
+        // left back. An empty list that spilled to the heap (a burst) is dropped, so that a
+        // connection gone quiet holds no allocation for it.
         let done = rx.is_empty();
-        if !done || rx.capacity() <= RX_CAP * 2 {
+        if !done || !rx.spilled() {
             *conn.rx.borrow_mut() = rx;
         }
         (!(done && conn.ring_has(EOF)), runs.longest)
