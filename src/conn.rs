@@ -1104,11 +1104,8 @@ impl Transport for Ringed {
         if conn.ring_has(OFF) {
             return session.read(core, conn, fd);
         }
-        let mut bytes = 0;
-        let (open, run) = self.0.drain(conn, |data| {
-            bytes += data.len();
-            session.feed(core, conn, data);
-        });
+        let crate::ring::Drained { open, bytes, run } =
+            self.0.drain(conn, |data| session.feed(core, conn, data));
         if bytes > 0 {
             conn.touch();
             stats::add(&core.stats().bytes_in, bytes as u64);

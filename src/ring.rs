@@ -335,6 +335,11 @@ impl BufRing {
 const IOU_PBUF_RING_INC: u16 = 2;
 /// `IORING_CQE_F_BUF_MORE`: the kernel keeps filling the completion's buffer.
 const CQE_F_BUF_MORE: u32 = 1 << 4;
+
+/// Whether a completion's buffer is still being filled by the kernel.
+fn buf_more(flags: u32) -> bool {
+    flags & CQE_F_BUF_MORE != 0
+}
 /// `IORING_REGISTER_PBUF_RING`.
 const IORING_REGISTER_PBUF_RING: libc::c_uint = 22;
 
@@ -683,16 +688,8 @@ impl Ring {
     /// Decodes what the connection received, in order, giving each buffer back after use:
     /// buffers until [`READ_BUDGET`] bytes (the rest waits for the next read, so that
     /// backpressure is checked as often as on the readiness path). `feed` gets the bytes of
-    /// one part. Returns whether the stream is still open (false once the peer's stream has
-    /// ended and everything before the end is decoded), and the longest run of bytes that
-    /// arrived in one receive: a receive that reached the end of its buffer went on in a
-    /// fresh one, so parts that follow one ending a buffer are counted as one run (parts
-    /// held over turns, while the connection was paused, are not summed otherwise).
-    pub(crate) fn drain(
-        &self,
-        conn: &ConnShared,
-        mut feed: impl FnMut(&mut [u8]),
-    ) -> (bool, usize) {
+    /// one part.
+    pub(crate) fn drain(&self, conn: &ConnShared, mut feed: impl FnMut(&mut [u8])) -> Drained {
         let mut rx = conn.rx.take();
         let mut bytes = 0;
         let mut used = 0;
@@ -718,7 +715,11 @@ impl Ring {
         if !done || !rx.spilled() {
             *conn.rx.borrow_mut() = rx;
         }
-        (!(done && conn.ring_has(EOF)), runs.longest)
+        Drained {
+            open: !(done && conn.ring_has(EOF)),
+            bytes,
+            run: runs.longest,
+        }
     }
 
     /// Gives back what a closed connection still held.
@@ -874,41 +875,34 @@ impl Ring {
         // completion (dropped at the end of this function), so it is alive here.
         let conn = unsafe { &*(ptr as *const ConnShared) };
         let more = cqueue::more(flags);
-        if res <= 0 {
-            // A receive issued from the kernel's worker pool may take its whole buffer when
-            // it is selected and still end empty (EOF, an error, a cancellation): the buffer
-            // comes back with the completion, and is free again at once.
-            if let Some(bid) = cqueue::buffer_select(flags) {
-                if self.bufs.received(bid, 0, flags & CQE_F_BUF_MORE != 0).1 {
-                    stats::inc(&self.stats.ring_buffers_filled);
-                }
+        let len = usize::try_from(res).unwrap_or(0);
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            let (start, finished) = self.bufs.received(bid, len, buf_more(flags));
+            if finished {
+                stats::inc(&self.stats.ring_buffers_filled);
+            }
+            if len > 0 {
+                stats::inc(&self.stats.ring_recvs);
+            }
+            // An empty receive may still carry a buffer (one issued from the kernel's worker
+            // pool takes its whole buffer when it is selected, then meets EOF, an error or a
+            // cancellation): it is free again at once, as are the bytes of a connection that
+            // has ended.
+            if len == 0 || conn.has(crate::outbox::DONE) || conn.ring_has(EOF) {
                 self.give_back(bid);
+            } else {
+                let held = {
+                    let mut rx = conn.rx.borrow_mut();
+                    rx.push(pack(bid, start, len));
+                    rx.len()
+                };
+                if more && held >= RX_CAP && !conn.ring_has(CANCELLING) {
+                    self.cancel(conn);
+                }
+                conn.notify_writer();
             }
         }
-        if res > 0 {
-            if let Some(bid) = cqueue::buffer_select(flags) {
-                let (start, finished) =
-                    self.bufs
-                        .received(bid, res as usize, flags & CQE_F_BUF_MORE != 0);
-                stats::inc(&self.stats.ring_recvs);
-                if finished {
-                    stats::inc(&self.stats.ring_buffers_filled);
-                }
-                if conn.has(crate::outbox::DONE) || conn.ring_has(EOF) {
-                    self.give_back(bid);
-                } else {
-                    let held = {
-                        let mut rx = conn.rx.borrow_mut();
-                        rx.push(pack(bid, start, res as usize));
-                        rx.len()
-                    };
-                    if more && held >= RX_CAP && !conn.ring_has(CANCELLING) {
-                        self.cancel(conn);
-                    }
-                    conn.notify_writer();
-                }
-            }
-        } else if res == -libc::ENOBUFS {
+        if res == -libc::ENOBUFS {
             stats::inc(&self.stats.ring_starved);
             self.ran_dry.set(true);
             conn.ring_set(STARVED);
@@ -919,7 +913,7 @@ impl Ring {
                 Rc::from_raw(ptr as *const ConnShared)
             };
             self.starved.borrow_mut().push(rc);
-        } else if res != -libc::ECANCELED {
+        } else if res <= 0 && res != -libc::ECANCELED {
             // The end of the peer's stream (0) or a socket error: after what rx holds.
             conn.ring_set(EOF);
             conn.notify_writer();
@@ -1003,7 +997,7 @@ fn self_test(uring: &mut IoUring, bufs: &BufRing) -> io::Result<()> {
     let part = |(res, flags): (i32, u32), want: &[u8]| -> Option<(u16, usize)> {
         let bid = cqueue::buffer_select(flags)?;
         let len = usize::try_from(res).unwrap_or(0);
-        let (start, _) = bufs.received(bid, len, flags & CQE_F_BUF_MORE != 0);
+        let (start, _) = bufs.received(bid, len, buf_more(flags));
         // SAFETY: the part was just received and is consumed right after.
         let same = unsafe { bufs.slice(bid, start, len) } == want;
         bufs.consumed(bid);
@@ -1042,11 +1036,7 @@ fn self_test(uring: &mut IoUring, bufs: &BufRing) -> io::Result<()> {
     while armed {
         let (res, flags) = next(uring)?;
         if let Some(bid) = cqueue::buffer_select(flags) {
-            bufs.received(
-                bid,
-                usize::try_from(res).unwrap_or(0),
-                flags & CQE_F_BUF_MORE != 0,
-            );
+            bufs.received(bid, usize::try_from(res).unwrap_or(0), buf_more(flags));
             bufs.consumed(bid);
             verdict = verdict.and(Err(io::Error::other("unexpected bytes in the self-test")));
         }
@@ -1054,6 +1044,20 @@ fn self_test(uring: &mut IoUring, bufs: &BufRing) -> io::Result<()> {
     }
     drop(a);
     verdict
+}
+
+/// What one [`Ring::drain`] did.
+pub(crate) struct Drained {
+    /// The stream is still open (false once the peer's stream has ended and everything
+    /// before the end is decoded).
+    pub(crate) open: bool,
+    /// Bytes decoded.
+    pub(crate) bytes: usize,
+    /// The longest run of bytes that arrived in one receive: a receive that reached the end
+    /// of its buffer went on in a fresh one, so parts that follow one ending a buffer are
+    /// counted as one run (parts held over turns, while the connection was paused, are not
+    /// summed otherwise).
+    pub(crate) run: usize,
 }
 
 /// The longest run of bytes among a connection's parts that came in one receive: a part
